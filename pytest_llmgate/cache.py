@@ -1,0 +1,127 @@
+"""Content-addressed result store in SQLite, safe for concurrent xdist workers.
+
+A key is a hash of (model fingerprint, task version, prompt hash, request parameters, item id);
+``result_key`` refuses to build one without a fingerprint. Each shard is written in one
+transaction, so a worker that dies mid-shard leaves the finished shards intact and no half rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .models import file_sha256
+
+SCHEMA_VERSION = 1
+
+
+def result_key(*, fingerprint: str, task_version: str, prompt_hash: str, params: Mapping[str, Any],
+               item_id: str) -> str:
+    """The cache key of one item's results on one model."""
+    if not fingerprint:
+        raise ValueError("a cache key needs the model fingerprint")
+    material = json.dumps([fingerprint, task_version, prompt_hash, dict(params), item_id], sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+class ResultCache:
+    """Item results keyed by content; one connection per process, opened lazily."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._connection: sqlite3.Connection | None = None
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The process's connection, creating the database on first use."""
+        if self._connection is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+            connection.execute("PRAGMA busy_timeout = 120000")
+            self._retry(lambda: connection.execute("PRAGMA journal_mode = WAL"))
+            self._retry(lambda: connection.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS results (
+                    key TEXT PRIMARY KEY, model TEXT NOT NULL, task_version TEXT NOT NULL,
+                    value TEXT NOT NULL, created REAL NOT NULL);
+                CREATE TABLE IF NOT EXISTS file_digests (
+                    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                    sha256 TEXT NOT NULL);
+                """
+            ))
+            self._connection = connection
+        return self._connection
+
+    @staticmethod
+    def _retry(action: Any, attempts: int = 20) -> Any:
+        # WAL switching and schema creation take an exclusive lock that busy_timeout does not cover.
+        for attempt in range(attempts):
+            try:
+                return action()
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        return None
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Stored values for the keys that are present."""
+        keys = list(keys)
+        found: dict[str, Any] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, value in self.connection.execute(
+                    f"SELECT key, value FROM results WHERE key IN ({marks})", chunk):
+                found[key] = json.loads(value)
+        return found
+
+    def put_many(self, rows: Iterable[tuple[str, str, str, Any]]) -> None:
+        """Store (key, model fingerprint, task version, value) rows in one transaction."""
+        now = time.time()
+        payload = [(key, model, version, json.dumps(value), now) for key, model, version, value in rows]
+        if not payload:
+            return
+
+        def write() -> None:
+            connection = self.connection
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", payload)
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+
+        self._retry(write)
+
+    def count(self, model: str | None = None) -> int:
+        """Number of stored results, for one model fingerprint or all."""
+        if model is None:
+            return int(self.connection.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+        return int(self.connection.execute("SELECT COUNT(*) FROM results WHERE model = ?", (model,)).fetchone()[0])
+
+    def file_digest(self, path: Path) -> str:
+        """sha256 of a file, memoised by (path, size, mtime) so large weights are hashed once."""
+        stat = path.stat()
+        row = self.connection.execute(
+            "SELECT sha256 FROM file_digests WHERE path = ? AND size = ? AND mtime_ns = ?",
+            (str(path.resolve()), stat.st_size, stat.st_mtime_ns)).fetchone()
+        if row:
+            return str(row[0])
+        digest = file_sha256(path)
+        self._retry(lambda: self.connection.execute(
+            "INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?)",
+            (str(path.resolve()), stat.st_size, stat.st_mtime_ns, digest)))
+        return digest
+
+    def close(self) -> None:
+        """Close this process's connection."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None

@@ -1,0 +1,647 @@
+"""The typed, validated gate configuration.
+
+Read once from ``[tool.llmgate]`` in ``pyproject.toml`` (or a top-level ``llmgate.toml``), with
+command-line overrides applied to the raw table before validation. Every mistake becomes a
+``pytest.UsageError`` that names the key and says how to fix it (pytest exits 4).
+This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+BASELINE_STAGE = "baseline"
+ALL_STAGES = "all"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("transformers", "vptq")
+TRANSFORM_METHODS = ("rtn", "vptq")
+
+
+class ConfigError(pytest.UsageError):
+    """A configuration mistake; pytest reports it and exits 4."""
+
+
+def _fail(where: str, message: str) -> ConfigError:
+    return ConfigError(f"llmgate config: {where}: {message}")
+
+
+def _check_keys(table: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    known = list(known)
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            raise _fail(f"{where}.{key}", f"unknown key; {hint}")
+
+
+def _fraction(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(where, f"expected a number between 0 and 1, got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise _fail(where, f"{value!r} is outside [0, 1]; thresholds are fractions (0.95 means 95%)")
+    return float(value)
+
+
+def _positive_int(value: Any, where: str, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(where, f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _str_list(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(where, f"expected a list of names, got {value!r}")
+    return tuple(value)
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(where, f"expected a table, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One named model: where its weights come from and how to run it."""
+
+    name: str
+    backend: str = "transformers"
+    path: str = BUILTIN_SMOLLM2
+    revision: str | None = None
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    batch_size: int = 16
+    max_length: int | None = None
+    transform: Mapping[str, Any] | None = None
+
+    def describe(self) -> str:
+        """A short human description, for the terminal summary."""
+        text = self.path
+        if self.transform:
+            text += " + " + ",".join(f"{k}={v}" for k, v in sorted(self.transform.items()))
+        return f"{text} [{self.backend}, {self.dtype}]"
+
+
+_MODEL_KEYS = (
+    "backend", "path", "revision", "gguf_file", "tokenizer", "dtype", "device", "batch_size",
+    "max_length", "transform",
+)
+
+
+def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
+    where = f"[tool.llmgate.models.{name}]"
+    raw = _table(raw, where)
+    _check_keys(raw, _MODEL_KEYS, where)
+    backend = raw.get("backend", "transformers")
+    if not isinstance(backend, str) or (backend not in BACKENDS and ":" not in backend):
+        raise _fail(
+            f"{where}.backend",
+            f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)} "
+            "or 'package.module:ClassName' for a backend of your own",
+        )
+    path = raw.get("path", BUILTIN_SMOLLM2)
+    if not isinstance(path, str) or not path:
+        raise _fail(f"{where}.path", "expected a local path, a hub id or " + repr(BUILTIN_SMOLLM2))
+    # Relative local paths are relative to the config file, like every other path in it.
+    if not path.startswith("builtin:") and (path.startswith(".") or os.sep in path and (base / path).exists()):
+        path = str((base / path).resolve())
+    dtype = raw.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise _fail(f"{where}.dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
+    device = raw.get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise _fail(f"{where}.device", f"{device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    transform = raw.get("transform")
+    if transform is not None:
+        transform = _table(transform, f"{where}.transform")
+        method = transform.get("method")
+        if method not in TRANSFORM_METHODS:
+            raise _fail(
+                f"{where}.transform.method",
+                f"{method!r}: use 'rtn' (round-to-nearest, keys bits, group_size) or "
+                "'vptq' (vector quantization, keys bits, vector_len, seed)",
+            )
+        known = ("method", "bits", "group_size") if method == "rtn" else (
+            "method", "bits", "vector_len", "kmeans_iters", "seed")
+        _check_keys(transform, known, f"{where}.transform")
+        bits = transform.get("bits")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+            raise _fail(f"{where}.transform.bits", f"expected an integer from 1 to 16, got {bits!r}")
+        transform = dict(transform)
+    return ModelSpec(
+        name=name,
+        backend=backend,
+        path=path,
+        revision=raw.get("revision"),
+        gguf_file=raw.get("gguf_file"),
+        tokenizer=raw.get("tokenizer"),
+        dtype=dtype,
+        device=device,
+        batch_size=_positive_int(raw.get("batch_size", 16), f"{where}.batch_size") or 16,
+        max_length=_positive_int(raw.get("max_length"), f"{where}.max_length", allow_none=True),
+        transform=transform,
+    )
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Floors a task must clear at one stage; ``None`` means the rule is off."""
+
+    min_retention: float | None = None
+    min_step_retention: float | None = None
+    min_score: float | None = None
+    score_band: tuple[float, float] | None = None
+
+    def merged(self, override: Thresholds) -> Thresholds:
+        """Field by field: the override's value where it sets one, ours otherwise."""
+        return Thresholds(
+            *(
+                getattr(override, name) if getattr(override, name) is not None else getattr(self, name)
+                for name in ("min_retention", "min_step_retention", "min_score", "score_band")
+            )
+        )
+
+
+_THRESHOLD_KEYS = ("min_retention", "min_step_retention", "min_score", "score_band")
+
+
+def _thresholds(raw: Mapping[str, Any], where: str) -> Thresholds:
+    values: dict[str, Any] = {}
+    for key in ("min_retention", "min_step_retention", "min_score"):
+        if key in raw:
+            values[key] = _fraction(raw[key], f"{where}.{key}")
+    if "score_band" in raw:
+        band = raw["score_band"]
+        if not isinstance(band, list) or len(band) != 2:
+            raise _fail(f"{where}.score_band", f"expected [low, high], got {band!r}")
+        lo, hi = (_fraction(v, f"{where}.score_band") for v in band)
+        if lo > hi:
+            raise _fail(f"{where}.score_band", f"low {lo} is above high {hi}")
+        values["score_band"] = (lo, hi)
+    return Thresholds(**values)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One rung of the compression ladder: a model and the floors it must clear."""
+
+    name: str
+    model: str | None
+    defaults: Thresholds = Thresholds()
+    groups: Mapping[str, Thresholds] = field(default_factory=dict)
+    tasks: Mapping[str, Thresholds] = field(default_factory=dict)
+    bits: float | None = None
+    description: str = ""
+
+    def thresholds_for(self, task: str, task_groups: Iterable[str]) -> Thresholds:
+        """Stage defaults, then each of the task's groups in config order, then the task itself."""
+        merged = self.defaults
+        for group in task_groups:
+            if group in self.groups:
+                merged = merged.merged(self.groups[group])
+        if task in self.tasks:
+            merged = merged.merged(self.tasks[task])
+        return merged
+
+
+_STAGE_KEYS = ("name", "model", "bits", "description", "groups", "tasks", *_THRESHOLD_KEYS)
+
+
+def _stage_spec(raw: Any, index: int, base: StageSpec | None = None) -> StageSpec:
+    raw = _table(raw, f"[[tool.llmgate.stages]] #{index + 1}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise _fail(f"[[tool.llmgate.stages]] #{index + 1}", "every stage needs a name = '...'")
+    if name in (BASELINE_STAGE, ALL_STAGES):
+        raise _fail(f"stage '{name}'", f"'{name}' is reserved for --stage={name}; pick another name")
+    where = f"stage '{name}'"
+    _check_keys(raw, _STAGE_KEYS, where)
+    defaults = _thresholds(raw, where)
+    groups = {
+        group: _thresholds(_checked(_table(value, f"{where}.groups.{group}"), f"{where}.groups.{group}"),
+                           f"{where}.groups.{group}")
+        for group, value in _table(raw.get("groups", {}), f"{where}.groups").items()
+    }
+    tasks = {
+        task: _thresholds(_checked(_table(value, f"{where}.tasks.{task}"), f"{where}.tasks.{task}"),
+                          f"{where}.tasks.{task}")
+        for task, value in _table(raw.get("tasks", {}), f"{where}.tasks").items()
+    }
+    bits = raw.get("bits")
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits <= 0):
+        raise _fail(f"{where}.bits", f"expected a positive number of bits per weight, got {bits!r}")
+    model = raw.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _fail(f"{where}.model", "expected the name of a model in [tool.llmgate.models]")
+    if base is None:
+        return StageSpec(name, model, defaults, groups, tasks, bits, str(raw.get("description", "")))
+    return StageSpec(
+        name=name,
+        model=model if model is not None else base.model,
+        defaults=base.defaults.merged(defaults),
+        groups={**base.groups, **{g: base.groups.get(g, Thresholds()).merged(t) for g, t in groups.items()}},
+        tasks={**base.tasks, **tasks},
+        bits=bits if bits is not None else base.bits,
+        description=str(raw.get("description", base.description)),
+    )
+
+
+def _checked(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    _check_keys(raw, _THRESHOLD_KEYS, where)
+    return raw
+
+
+@dataclass(frozen=True)
+class CriticalRule:
+    """A rule whose breach means the model must not ship at any stage threshold."""
+
+    kind: str  # "retention_floor" | "combined_drop"
+    floor: float | None = None
+    tasks: tuple[str, ...] = ()
+    max_drop: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The rule as a user reads it in the verdict."""
+        if self.kind == "retention_floor":
+            scope = ", ".join(self.tasks) if self.tasks else "any task"
+            return f"critical: {scope} below {self.floor:.0%} of baseline"
+        return f"critical: combined drop of {' + '.join(self.tasks)} above {self.max_drop:.0%}"
+
+
+def _critical_rule(raw: Any, index: int) -> CriticalRule:
+    where = f"[[tool.llmgate.critical]] #{index + 1}"
+    raw = _table(raw, where)
+    kind = raw.get("rule")
+    if kind == "retention_floor":
+        _check_keys(raw, ("rule", "floor", "tasks"), where)
+        if "floor" not in raw:
+            raise _fail(where, "rule 'retention_floor' needs floor = 0.80 (fraction of the baseline score)")
+        return CriticalRule(kind, floor=_fraction(raw["floor"], f"{where}.floor"),
+                            tasks=_str_list(raw.get("tasks", []), f"{where}.tasks"))
+    if kind == "combined_drop":
+        _check_keys(raw, ("rule", "tasks", "max_drop"), where)
+        if "max_drop" not in raw or "tasks" not in raw:
+            raise _fail(where, "rule 'combined_drop' needs tasks = [...] and max_drop = 0.20")
+        return CriticalRule(kind, tasks=_str_list(raw["tasks"], f"{where}.tasks"),
+                            max_drop=_fraction(raw["max_drop"], f"{where}.max_drop"))
+    raise _fail(f"{where}.rule", f"{kind!r}: use 'retention_floor' or 'combined_drop'")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """Advice printed for a failed stage when its conditions hold."""
+
+    message: str
+    stages: tuple[str, ...] = ()
+    max_bits: float | None = None
+    below_mean_retention: float | None = None
+    on: str = "failure"  # "failure" | "breach" | "critical"
+
+
+def _recommendation(raw: Any, index: int) -> Recommendation:
+    where = f"[[tool.llmgate.recommendations]] #{index + 1}"
+    raw = _table(raw, where)
+    _check_keys(raw, ("message", "stages", "max_bits", "below_mean_retention", "on"), where)
+    if not isinstance(raw.get("message"), str):
+        raise _fail(f"{where}.message", "every recommendation needs message = '...'")
+    on = raw.get("on", "failure")
+    if on not in ("failure", "breach", "critical"):
+        raise _fail(f"{where}.on", f"{on!r}: use 'failure', 'breach' or 'critical'")
+    below = raw.get("below_mean_retention")
+    return Recommendation(
+        message=raw["message"],
+        stages=_str_list(raw.get("stages", []), f"{where}.stages"),
+        max_bits=raw.get("max_bits"),
+        below_mean_retention=None if below is None else _fraction(below, f"{where}.below_mean_retention"),
+        on=on,
+    )
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """Per-task options: which metric gates it and how many items to take."""
+
+    metric: str | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Everything a run needs to know, validated once."""
+
+    source: Path | None
+    models: Mapping[str, ModelSpec]
+    baseline: str | None
+    stages: tuple[StageSpec, ...]
+    critical: tuple[CriticalRule, ...]
+    recommendations: tuple[Recommendation, ...]
+    tasks: tuple[str, ...]
+    task_settings: Mapping[str, TaskSettings]
+    groups: Mapping[str, tuple[str, ...]]
+    limit: int | None
+    seed: int
+    shard_size: int
+    data_dir: Path | None
+    cache_path: Path | None
+    chance_margin: float
+
+    def stage(self, name: str) -> StageSpec:
+        """The stage called ``name``, or a UsageError listing the ones that exist."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        choices = [BASELINE_STAGE, *(s.name for s in self.stages), ALL_STAGES]
+        raise _fail("--stage", f"no stage named {name!r}; choose one of {', '.join(choices)}")
+
+    def groups_of(self, task: str) -> tuple[str, ...]:
+        """Config groups that contain ``task``, in config order."""
+        return tuple(group for group, members in self.groups.items() if task in members)
+
+    def model(self, name: str | None, where: str) -> ModelSpec:
+        """The model called ``name``, or a UsageError naming the fix."""
+        if name is None:
+            raise _fail(where, "no model set; add model = '<name of a [tool.llmgate.models] entry>'")
+        if name not in self.models:
+            known = ", ".join(self.models) or "none defined"
+            raise _fail(where, f"model {name!r} is not defined in [tool.llmgate.models] (defined: {known})")
+        return self.models[name]
+
+    def stage_models(self, stage: str) -> dict[str, ModelSpec]:
+        """Role -> model for a run of ``stage``: 'baseline', each evaluated stage by name."""
+        baseline = self.model(self.baseline, "[tool.llmgate] baseline")
+        roles = {BASELINE_STAGE: baseline}
+        if stage == BASELINE_STAGE:
+            return roles
+        if stage == ALL_STAGES:
+            chosen = list(self.stages)
+            if not chosen:
+                raise _fail("--stage=all", "no stages defined; add [[tool.llmgate.stages]] entries")
+        else:
+            target = self.stage(stage)
+            index = self.stages.index(target)
+            chosen = [target]
+            # A step rule compares with the previous rung, which must be evaluated too.
+            uses_step = target.defaults.min_step_retention is not None or any(
+                t.min_step_retention is not None for t in (*target.groups.values(), *target.tasks.values())
+            )
+            if uses_step and index > 0:
+                chosen.insert(0, self.stages[index - 1])
+        for spec in chosen:
+            roles[spec.name] = self.model(spec.model, f"stage '{spec.name}'.model")
+        return roles
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The ladder of a compression team: each rung may serve when the more aggressive one fails.
+    "compression-ladder": {
+        "groups": {
+            "core": ["arc_challenge", "hellaswag", "winogrande", "truthfulqa_mc2"],
+            "expert": ["mmlu", "gsm8k", "humaneval", "mbpp"],
+        },
+        "stages": [
+            {"name": "seedlm", "min_retention": 0.98, "groups": {"expert": {"min_retention": 0.98}}},
+            {"name": "vptq", "min_retention": 0.95, "groups": {"expert": {"min_retention": 0.93}}},
+            {
+                "name": "hypercompression",
+                "min_retention": 0.84,
+                "min_step_retention": 0.90,
+                "groups": {"expert": {"min_step_retention": 0.88}},
+            },
+        ],
+        "critical": [
+            {"rule": "retention_floor", "floor": 0.80},
+            {"rule": "combined_drop", "tasks": ["mmlu", "gsm8k"], "max_drop": 0.20},
+        ],
+    },
+}
+
+DEFAULT_RECOMMENDATIONS = (
+    Recommendation(
+        message="average retention below 0.90 at a stage of 2 bits or fewer: try 3 bits, "
+        "or more calibration samples and a second-order (Hessian-aware) method",
+        max_bits=2,
+        below_mean_retention=0.90,
+    ),
+    Recommendation(
+        message="a critical rule fired: this stage loses too much to ship; fall back to the "
+        "previous rung of the ladder (run --stage=all to pick it)",
+        on="critical",
+    ),
+    Recommendation(
+        message="a threshold was breached: compare the regressed items in the JSON report "
+        "(--llmgate-report) to see which subjects lost most before retuning",
+        on="breach",
+    ),
+)
+
+_TOP_KEYS = (
+    "preset", "models", "baseline", "stages", "critical", "recommendations", "tasks", "task",
+    "groups", "limit", "seed", "shard_size", "data_dir", "cache", "chance_margin",
+)
+
+
+def find_config_file(rootpath: Path, explicit: str | None) -> tuple[Path | None, dict[str, Any]]:
+    """Locate and parse the config: ``--llmgate-config``, else llmgate.toml, else pyproject.toml."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise _fail("--llmgate-config", f"{path} does not exist")
+        return path, _read_table(path)
+    dedicated = rootpath / "llmgate.toml"
+    pyproject = rootpath / "pyproject.toml"
+    from_pyproject = _read_table(pyproject) if pyproject.is_file() else {}
+    if dedicated.is_file():
+        if from_pyproject:
+            raise _fail(
+                str(dedicated),
+                f"both {dedicated.name} and [tool.llmgate] in {pyproject.name} exist; keep one",
+            )
+        return dedicated, _read_table(dedicated)
+    return (pyproject if from_pyproject else None), from_pyproject
+
+
+def _read_table(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise _fail(str(path), f"not valid TOML: {error}") from None
+    if path.name == "pyproject.toml":
+        return dict(data.get("tool", {}).get("llmgate", {}))
+    return dict(data.get("tool", {}).get("llmgate", data))
+
+
+def apply_overrides(raw: dict[str, Any], assignments: Iterable[str]) -> dict[str, Any]:
+    """Apply ``--llmgate-set key.sub=value`` (value parsed as TOML, else a plain string)."""
+    raw = _deep_copy(raw)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise _fail("--llmgate-set", f"{assignment!r}: expected KEY=VALUE, e.g. limit=50")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise _fail("--llmgate-set", f"{key}: '{part}' is not a table")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def parse_config(
+    raw: Mapping[str, Any],
+    *,
+    source: Path | None,
+    known_tasks: Mapping[str, Any],
+    rootpath: Path,
+) -> GateConfig:
+    """Validate the raw ``[tool.llmgate]`` table into a GateConfig."""
+    base = source.parent if source is not None else rootpath
+    raw = dict(raw)
+    _check_keys(raw, _TOP_KEYS, "[tool.llmgate]")
+    preset_name = raw.get("preset")
+    preset: dict[str, Any] = {}
+    if preset_name is not None:
+        if preset_name not in PRESETS:
+            raise _fail("[tool.llmgate].preset", f"{preset_name!r}: known presets are {', '.join(PRESETS)}")
+        preset = PRESETS[preset_name]
+
+    models_raw = _table(raw.get("models", {}), "[tool.llmgate.models]")
+    models = {name: _model_spec(name, spec, base) for name, spec in models_raw.items()}
+    if not models:
+        models = {"smollm2": ModelSpec(name="smollm2")}
+
+    baseline = raw.get("baseline", "smollm2" if "smollm2" in models else None)
+    if baseline is not None and baseline not in models:
+        raise _fail("[tool.llmgate].baseline", f"model {baseline!r} is not in [tool.llmgate.models] "
+                    f"(defined: {', '.join(models)})")
+
+    preset_stages = {
+        s["name"]: _stage_spec(s, i) for i, s in enumerate(preset.get("stages", []))
+    }
+    stages: list[StageSpec] = list(preset_stages.values())
+    for index, stage_raw in enumerate(raw.get("stages", []) if isinstance(raw.get("stages", []), list)
+                                      else _bad_stages()):
+        name = _table(stage_raw, f"[[tool.llmgate.stages]] #{index + 1}").get("name")
+        if name in preset_stages:
+            spec = _stage_spec(stage_raw, index, preset_stages[name])
+            stages[[s.name for s in stages].index(name)] = spec
+        else:
+            spec = _stage_spec(stage_raw, index)
+            if any(s.name == spec.name for s in stages):
+                raise _fail(f"stage '{spec.name}'", "defined twice; stage names must be unique")
+            stages.append(spec)
+    for spec in stages:
+        if spec.model is not None and spec.model not in models:
+            raise _fail(f"stage '{spec.name}'.model",
+                        f"model {spec.model!r} is not defined in [tool.llmgate.models] "
+                        f"(defined: {', '.join(models)})")
+
+    groups_raw = {**preset.get("groups", {}), **_table(raw.get("groups", {}), "[tool.llmgate.groups]")}
+    groups = {g: _str_list(members, f"[tool.llmgate.groups].{g}") for g, members in groups_raw.items()}
+
+    critical_raw = raw.get("critical", preset.get("critical", []))
+    if not isinstance(critical_raw, list):
+        raise _fail("[tool.llmgate].critical", "expected [[tool.llmgate.critical]] entries")
+    critical = tuple(_critical_rule(r, i) for i, r in enumerate(critical_raw))
+
+    recs_raw = raw.get("recommendations")
+    if recs_raw is None:
+        recommendations = DEFAULT_RECOMMENDATIONS
+    elif isinstance(recs_raw, list):
+        recommendations = tuple(_recommendation(r, i) for i, r in enumerate(recs_raw))
+    else:
+        raise _fail("[tool.llmgate].recommendations", "expected [[tool.llmgate.recommendations]] entries")
+
+    tasks = _str_list(raw.get("tasks", []), "[tool.llmgate].tasks")
+    task_settings: dict[str, TaskSettings] = {}
+    for task, settings in _table(raw.get("task", {}), "[tool.llmgate.task]").items():
+        where = f"[tool.llmgate.task.{task}]"
+        settings = _table(settings, where)
+        _check_keys(settings, ("metric", "limit"), where)
+        metric = settings.get("metric")
+        if metric is not None and task in known_tasks and metric not in known_tasks[task].metrics:
+            raise _fail(f"{where}.metric", f"{metric!r}: task {task} reports "
+                        f"{', '.join(known_tasks[task].metrics)}")
+        task_settings[task] = TaskSettings(
+            metric=metric, limit=_positive_int(settings.get("limit"), f"{where}.limit", allow_none=True))
+
+    # Every task a rule or threshold names must exist, or a typo silently disables a gate.
+    named: list[tuple[str, str]] = [(t, "[tool.llmgate].tasks") for t in tasks]
+    named += [(t, f"[tool.llmgate.task.{t}]") for t in task_settings]
+    # Preset groups and rules may name tasks this run does not have; the user's own may not.
+    user_groups = _table(raw.get("groups", {}), "[tool.llmgate.groups]")
+    named += [(t, f"[tool.llmgate.groups].{g}") for g in user_groups for t in groups[g]]
+    named += [(t, f"stage '{s.name}'.tasks.{t}") for s in stages for t in s.tasks]
+    if "critical" in raw:
+        named += [(t, "[[tool.llmgate.critical]].tasks") for r in critical for t in r.tasks]
+    for task, where in named:
+        if task not in known_tasks:
+            close = difflib.get_close_matches(task, list(known_tasks), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known tasks: {', '.join(sorted(known_tasks))}"
+            raise _fail(where, f"unknown task {task!r}; {hint}")
+    for stage in stages:
+        for group in stage.groups:
+            if group not in groups:
+                raise _fail(f"stage '{stage.name}'.groups.{group}",
+                            f"group {group!r} is not defined; add it to [tool.llmgate.groups]")
+
+    seed = raw.get("seed", 1234)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise _fail("[tool.llmgate].seed", f"expected an integer, got {seed!r}")
+    data_dir = raw.get("data_dir")
+    cache = raw.get("cache", ".llmgate/cache.sqlite")
+    return GateConfig(
+        source=source,
+        models=models,
+        baseline=baseline,
+        stages=tuple(stages),
+        critical=critical,
+        recommendations=recommendations,
+        tasks=tasks,
+        task_settings=task_settings,
+        groups=groups,
+        limit=_positive_int(raw.get("limit"), "[tool.llmgate].limit", allow_none=True),
+        seed=seed,
+        shard_size=_positive_int(raw.get("shard_size", 32), "[tool.llmgate].shard_size") or 32,
+        data_dir=None if data_dir is None else (base / str(data_dir)).resolve(),
+        cache_path=None if cache in (False, "", None) else (base / str(cache)).resolve(),
+        chance_margin=_fraction(raw.get("chance_margin", 0.02), "[tool.llmgate].chance_margin"),
+    )
+
+
+def _bad_stages() -> list[Any]:
+    raise _fail("[tool.llmgate].stages", "expected [[tool.llmgate.stages]] entries (an array of tables)")
+
+
+def with_overrides(config: GateConfig, **changes: Any) -> GateConfig:
+    """A copy of ``config`` with command-line values replacing file values."""
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,164 @@
+"""Shard execution: the first item of a shard runs one batched request per model, through the cache.
+
+One Engine lives in each pytest process (each xdist worker). It loads a model only on a cache
+miss, at most once per process, and keeps per-item results in memory for the shard's later
+items. It never decides pass or fail.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cache import ResultCache, result_key
+from .config import ModelSpec
+from .models import Backend, load_backend, model_fingerprint, pick_device
+from .tasks.base import TaskItem
+
+REQUEST_PARAMS = {"type": "loglikelihood"}
+
+
+class ShardError(Exception):
+    """Evaluating a shard failed; every item of the shard reports it as a test error."""
+
+
+@dataclass(frozen=True)
+class SideResult:
+    """One model's raw results for one item, and whether they came from the cache."""
+
+    results: list[Any]
+    cached: bool
+
+
+@dataclass
+class Engine:
+    """Per-process evaluator of shards on the models of a run."""
+
+    roles: Mapping[str, ModelSpec]
+    cache: ResultCache | None
+    work_dir: Path
+    worker_index: int | None = None
+    shards: dict[str, list[tuple[TaskItem, str]]] = field(default_factory=dict)
+    loads: Counter[str] = field(default_factory=Counter)
+    evaluated: Counter[str] = field(default_factory=Counter)
+    seconds: Counter[str] = field(default_factory=Counter)
+    _fingerprints: dict[str, str] = field(default_factory=dict)
+    _backends: dict[str, Backend] = field(default_factory=dict)
+    _memo: dict[tuple[str, str], SideResult] = field(default_factory=dict)
+    _failed: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def register(self, shard: str, item: TaskItem, task_version: str) -> None:
+        """Declare that ``item`` (of ``task_version``) belongs to ``shard`` in this process."""
+        self.shards.setdefault(shard, []).append((item, task_version))
+
+    def fingerprint(self, role: str) -> str:
+        """The model fingerprint of ``role``, computed once per process."""
+        if role not in self._fingerprints:
+            spec = self.roles[role]
+            digest = self.cache.file_digest if self.cache is not None else None
+            self._fingerprints[role] = (
+                model_fingerprint(spec, digest) if digest else model_fingerprint(spec))
+        return self._fingerprints[role]
+
+    def backend(self, role: str) -> Backend:
+        """The loaded model of ``role``; loaded at most once per process (per fingerprint)."""
+        fingerprint = self.fingerprint(role)
+        if fingerprint not in self._backends:
+            spec = self.roles[role]
+            device = pick_device(spec.device, self.worker_index)
+            self._backends[fingerprint] = load_backend(
+                spec, device=device, work_dir=self.work_dir, fingerprint=fingerprint)
+            self.loads[spec.name] += 1
+        return self._backends[fingerprint]
+
+    def result(self, role: str, shard: str, item: TaskItem) -> SideResult:
+        """``role``'s results for ``item``; computes the whole shard on first use."""
+        fingerprint = self.fingerprint(role)
+        memo_key = (fingerprint, f"{item.task}/{item.item_id}")
+        if memo_key not in self._memo:
+            if (fingerprint, shard) in self._failed:
+                raise ShardError(self._failed[(fingerprint, shard)])
+            try:
+                self._run_shard(role, shard)
+            except Exception as error:
+                message = (f"model '{self.roles[role].name}' failed on shard {shard}: "
+                           f"{type(error).__name__}: {error}")
+                self._failed[(fingerprint, shard)] = message
+                raise ShardError(message) from error
+        return self._memo[memo_key]
+
+    def _run_shard(self, role: str, shard: str) -> None:
+        fingerprint = self.fingerprint(role)
+        members = [(item, version) for item, version in self.shards.get(shard, []) if item.error is None]
+        keys = {
+            f"{item.task}/{item.item_id}": result_key(
+                fingerprint=fingerprint, task_version=version, prompt_hash=item.prompt_hash(),
+                params=REQUEST_PARAMS, item_id=f"{item.task}/{item.item_id}")
+            for item, version in members
+        }
+        found = self.cache.get_many(keys.values()) if self.cache is not None else {}
+        missing = []
+        for item, version in members:
+            name = f"{item.task}/{item.item_id}"
+            if keys[name] in found:
+                self._memo[(fingerprint, name)] = SideResult(found[keys[name]], cached=True)
+            else:
+                missing.append((item, version))
+        if not missing:
+            return
+        backend = self.backend(role)
+        requests = [request for item, _ in missing for request in item.requests]
+        started = time.perf_counter()
+        outputs = backend.loglikelihood(requests)
+        self.seconds[self.roles[role].name] += time.perf_counter() - started
+        if len(outputs) != len(requests):
+            raise ShardError(f"backend returned {len(outputs)} results for {len(requests)} requests")
+        rows = []
+        offset = 0
+        for item, version in missing:
+            values = [[float(ll), bool(greedy)] for ll, greedy in outputs[offset:offset + len(item.requests)]]
+            offset += len(item.requests)
+            name = f"{item.task}/{item.item_id}"
+            self._memo[(fingerprint, name)] = SideResult(values, cached=False)
+            rows.append((keys[name], fingerprint, version, values))
+        self.evaluated[self.roles[role].name] += len(missing)
+        if self.cache is not None:
+            self.cache.put_many(rows)
+
+    def close(self) -> None:
+        """Release every loaded model and the cache connection."""
+        for backend in self._backends.values():
+            backend.close()
+        self._backends.clear()
+        if self.cache is not None:
+            self.cache.close()
+
+
+def shard_of(nodeid_base: str, item_id: str, shard_size: int) -> str:
+    """The shard key: the test function, the item's group and its block of ``shard_size`` rows.
+
+    Computed from the node id alone, so the xdist controller (which has no items) finds the same
+    shards as the workers.
+    """
+    group, _, index = item_id.rpartition("-")
+    return f"{nodeid_base}[{group}]#{int(index) // shard_size}"
+
+
+def split_nodeid(nodeid: str) -> tuple[str, str] | None:
+    """(function part, parameter id) of a parametrized node id, or None."""
+    if not nodeid.endswith("]") or "[" not in nodeid:
+        return None
+    base, _, param = nodeid[:-1].partition("[")
+    group, sep, index = param.rpartition("-")
+    if not sep or not index.isdigit():
+        return None
+    return base, param
+
+
+def shards_in_order(items: Sequence[tuple[str, Any]]) -> list[str]:
+    """Distinct shard keys in first-seen order."""
+    return list(dict.fromkeys(key for key, _ in items))

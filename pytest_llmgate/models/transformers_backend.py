@@ -1,0 +1,159 @@
+"""Hugging Face transformers backend: log-likelihoods computed the way lm-evaluation-harness 0.4 does.
+
+Tokenization follows lm-eval's HFLM: trailing spaces of the context move to the continuation, the
+pair is encoded whole and the continuation is what follows the context's tokens; no special tokens
+(lm-eval adds no BOS for these models); inputs are truncated on the left to max_length + 1 and the
+last token dropped. Only the continuation positions go through the output head, so memory does not
+grow with the vocabulary times the sequence length.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelSpec
+from ..tasks.base import LoglikelihoodRequest
+from . import ModelLoadError, resolve_local
+
+log = logging.getLogger("pytest_llmgate")
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, _DTYPES[name])
+
+
+class TransformersBackend:
+    """A causal LM from transformers (local folder, GGUF file or hub id), optionally transformed."""
+
+    def __init__(self, spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str) -> None:
+        import torch
+        import transformers
+
+        self.spec = spec
+        self.device = device
+        folder, gguf_file = resolve_local(spec)
+        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        if spec.revision and not Path(spec.path).exists():
+            kwargs["revision"] = spec.revision
+        try:
+            tokenizer_source = resolve_local(
+                ModelSpec(name=spec.name, path=spec.tokenizer)) if spec.tokenizer else (folder, gguf_file)
+            tok_kwargs = {"gguf_file": tokenizer_source[1]} if tokenizer_source[1] else {}
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_source[0]), **tok_kwargs)
+            if spec.backend == "vptq":
+                from .quantize import load_vptq_model
+
+                model = load_vptq_model(folder, device="cpu" if device == "cpu" else device)
+            else:
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(folder), dtype=_torch_dtype(spec.dtype), **kwargs)
+        except ModelLoadError:
+            raise
+        except Exception as error:
+            raise ModelLoadError(
+                f"model '{spec.name}': transformers could not load {spec.path}: {type(error).__name__}: {error}"
+            ) from error
+        model = self._apply_transform(model, work_dir / "models" / fingerprint)
+        self.model = model.to(device).eval()
+        config = self.model.config
+        self.max_length = spec.max_length or next(
+            (getattr(config, a) for a in ("n_positions", "max_position_embeddings", "n_ctx")
+             if getattr(config, a, None)), 2048)
+        self.prefix_token_id = (
+            self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id)
+        self._torch = torch
+
+    def _apply_transform(self, model: Any, checkpoint_dir: Path) -> Any:
+        transform = self.spec.transform
+        if not transform:
+            return model
+        from . import quantize
+
+        if transform["method"] == "rtn":
+            quantize.rtn_quantize_(model, int(transform["bits"]), transform.get("group_size", 128))
+            return model
+        # VPTQ: build the checkpoint once (keyed by the fingerprint), then load it through vptq.
+        if not (checkpoint_dir / "config.json").is_file():
+            log.info("building VPTQ checkpoint for %s in %s", self.spec.name, checkpoint_dir)
+            vector_len = int(transform.get("vector_len", 4))
+            quantize.build_vptq_checkpoint(
+                model.float(), checkpoint_dir, vector_len=vector_len,
+                num_centroids=2 ** (int(transform["bits"]) * vector_len),
+                kmeans_iters=int(transform.get("kmeans_iters", 20)), seed=int(transform.get("seed", 0)),
+            )
+        del model
+        return quantize.load_vptq_model(checkpoint_dir, device="cpu")
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's _encode_pair: (context tokens, continuation tokens)."""
+        if context == "":
+            return [self.prefix_token_id], self._encode(continuation)
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self._encode(context + continuation)
+        context_tokens = self._encode(context)
+        return context_tokens, whole[len(context_tokens):]
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
+        """Summed continuation log-probability and greedy flag per request, longest first in batches."""
+        torch = self._torch
+        encoded = [self.encode_pair(r.context, r.continuation) for r in requests]
+        for request, (_, continuation) in zip(requests, encoded, strict=True):
+            if not continuation:
+                raise ValueError(f"continuation {request.continuation!r} encodes to no tokens")
+        order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+        batch_size = self.spec.batch_size
+        decoder = self.model.get_decoder()
+        head = self.model.get_output_embeddings()
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                inputs = []
+                for i in rows:
+                    context, continuation = encoded[i]
+                    inputs.append((context + continuation)[-(self.max_length + 1):][:-1])
+                width = max(len(x) for x in inputs)
+                ids = torch.zeros((len(rows), width), dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, tokens in enumerate(inputs):
+                    ids[r, :len(tokens)] = torch.tensor(tokens)
+                    mask[r, :len(tokens)] = 1
+                hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+                # Gather only the positions that predict continuation tokens.
+                spans, targets = [], []
+                for r, i in enumerate(rows):
+                    continuation = encoded[i][1]
+                    length = len(inputs[r])
+                    spans.append(hidden[r, length - len(continuation):length])
+                    targets.append(torch.tensor(continuation, device=self.device))
+                logits = head(torch.cat(spans))
+                # As lm-eval: log_softmax in the logits' own dtype.
+                logprobs = torch.log_softmax(logits, dim=-1)
+                target = torch.cat(targets)
+                picked = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
+                greedy = logprobs.argmax(dim=-1) == target
+                offset = 0
+                for i, t in zip(rows, targets, strict=True):
+                    n = len(t)
+                    results[i] = (float(picked[offset:offset + n].sum()), bool(greedy[offset:offset + n].all()))
+                    offset += n
+        return results
+
+    def close(self) -> None:
+        """Drop the model and free accelerator memory."""
+        del self.model
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()

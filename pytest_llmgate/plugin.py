@@ -1,0 +1,329 @@
+"""pytest hooks of pytest-llmgate: options, configuration, item generation, fixtures, verdict.
+
+Roles: every process evaluates the shards it runs (``Engine``); only the controller (the process
+without ``workerinput``) tallies outcomes from reports, decides the verdict and sets the exit code.
+Heavy imports (torch, transformers) happen inside the engine, never at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .config import (
+    ConfigError, GateConfig, ModelSpec, apply_overrides, find_config_file,
+    parse_config,
+)
+from .engine import Engine, shard_of
+from .outcome import ItemOutcome
+from .stats import Tally
+from .tasks import TASKS, DatasetError, TaskItem
+
+MARKER = "llmgate"
+
+
+@dataclass
+class RunState:
+    """What one pytest process knows about the llmgate run."""
+
+    gate: GateConfig
+    stage: str | None
+    roles: dict[str, ModelSpec]
+    work_dir: Path
+    report_path: Path | None
+    worker: str
+    engine: Engine | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+STATE = pytest.StashKey[RunState]()
+SHARD = pytest.StashKey[str]()
+OUTCOME = pytest.StashKey[dict[str, Any]]()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise pytest.UsageError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise pytest.UsageError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Options of the llmgate group; the run-wide ones also as ini keys."""
+    group = parser.getgroup("llmgate", "LLM benchmark gates (pytest-llmgate)")
+    group.addoption("--stage", dest="llmgate_stage", default=None, metavar="NAME",
+                    help="evaluate benchmarks: 'baseline' records the reference model, a stage name gates "
+                         "that stage's model, 'all' runs the ladder and picks the most compressed passing stage")
+    group.addoption("--llmgate-report", dest="llmgate_report", default=None, metavar="PATH",
+                    help="write the JSON report (schema llmgate-report/1) to PATH")
+    group.addoption("--llmgate-config", dest="llmgate_config", default=None, metavar="PATH",
+                    help="read the configuration from PATH instead of pyproject.toml / llmgate.toml")
+    group.addoption("--llmgate-data-dir", dest="llmgate_data_dir", default=None, metavar="DIR",
+                    help="load task data from DIR/<task>/<split>.jsonl|parquet instead of the hub "
+                         "(also $LLMGATE_DATA_DIR)")
+    group.addoption("--llmgate-limit", dest="llmgate_limit", type=_positive_int, default=None, metavar="N",
+                    help="evaluate the first N items of each task")
+    group.addoption("--llmgate-tasks", dest="llmgate_tasks", default=None, metavar="A,B",
+                    help="comma-separated tasks to run (overrides tasks in the config)")
+    group.addoption("--llmgate-cache", dest="llmgate_cache", default=None, metavar="PATH",
+                    help="result cache file (default .llmgate/cache.sqlite beside the config)")
+    group.addoption("--llmgate-no-cache", dest="llmgate_no_cache", action="store_true",
+                    help="neither read nor write the result cache")
+    group.addoption("--llmgate-set", dest="llmgate_set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config key, e.g. --llmgate-set models.int4.dtype=bfloat16 (repeatable)")
+    parser.addini("llmgate_report", "default path of the JSON report", default=None)
+    parser.addini("llmgate_data_dir", "default local data folder", default=None)
+    parser.addini("llmgate_config", "default configuration file", default=None)
+
+
+def _option(config: pytest.Config, name: str) -> Any:
+    value = config.getoption(name)
+    return value if value is not None else config.getini(name) or None
+
+
+def _load_gate_config(config: pytest.Config) -> GateConfig:
+    source, raw = find_config_file(config.rootpath, _option(config, "llmgate_config"))
+    raw = apply_overrides(raw, config.getoption("llmgate_set"))
+    gate = parse_config(raw, source=source, known_tasks=TASKS, rootpath=config.rootpath)
+    changes: dict[str, Any] = {}
+    if config.getoption("llmgate_limit"):
+        changes["limit"] = config.getoption("llmgate_limit")
+    data_dir = _option(config, "llmgate_data_dir")
+    if data_dir:
+        changes["data_dir"] = Path(data_dir).resolve()
+    tasks = config.getoption("llmgate_tasks")
+    if tasks:
+        names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+        for name in names:
+            if name not in TASKS:
+                raise ConfigError(f"llmgate config: --llmgate-tasks: unknown task {name!r}; "
+                                  f"known tasks: {', '.join(sorted(TASKS))}")
+        changes["tasks"] = names
+    if config.getoption("llmgate_no_cache"):
+        changes["cache_path"] = None
+    elif config.getoption("llmgate_cache"):
+        changes["cache_path"] = Path(config.getoption("llmgate_cache")).resolve()
+    return replace(gate, **changes)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Validate the configuration once and set up this process's role."""
+    config.addinivalue_line(
+        "markers", f"{MARKER}(task): parametrize this test with every item of the benchmark task")
+    gate = _load_gate_config(config)
+    for task in TASKS:
+        config.addinivalue_line("markers", f"{task}: items of the {task} benchmark")
+    for group in gate.groups:
+        config.addinivalue_line("markers", f"{group}: items of the tasks in llmgate group '{group}'")
+    stage = config.getoption("llmgate_stage")
+    roles = gate.stage_models(stage) if stage else {}
+    workerinput = getattr(config, "workerinput", None)
+    base = gate.source.parent if gate.source is not None else config.rootpath
+    report = _option(config, "llmgate_report")
+    state = RunState(
+        gate=gate, stage=stage, roles=roles, work_dir=base / ".llmgate",
+        report_path=Path(report).resolve() if report else None,
+        worker=workerinput["workerid"] if workerinput else "main",
+    )
+    if stage:
+        from .cache import ResultCache
+
+        worker_index = int(state.worker[2:]) if state.worker.startswith("gw") else None
+        cache = ResultCache(gate.cache_path) if gate.cache_path is not None else None
+        state.engine = Engine(roles=roles, cache=cache, work_dir=state.work_dir, worker_index=worker_index)
+        if workerinput is None:
+            config.pluginmanager.register(GateController(config, state), "llmgate-controller")
+        if config.pluginmanager.hasplugin("xdist") and workerinput is None:
+            from .xdist_support import XdistShardPlugin
+
+            config.pluginmanager.register(XdistShardPlugin(gate.shard_size), "llmgate-xdist")
+    config.stash[STATE] = state
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Free the models this process loaded."""
+    state = config.stash.get(STATE, None)
+    if state is not None and state.engine is not None:
+        state.engine.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    """One line saying what is evaluated."""
+    state = config.stash.get(STATE, None)
+    if state is None or not state.stage:
+        return None
+    models = ", ".join(f"{role}={spec.name}" for role, spec in state.roles.items())
+    source = state.gate.source or "built-in defaults"
+    return [f"llmgate: stage={state.stage} models: {models} (config: {source})"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One test per benchmark item of the task named by ``@pytest.mark.llmgate(task)``."""
+    marker = metafunc.definition.get_closest_marker(MARKER)
+    if marker is None:
+        return
+    if not marker.args or marker.args[0] not in TASKS:
+        raise pytest.Collector.CollectError(
+            f"@pytest.mark.llmgate needs a task name as its first argument; known tasks: {', '.join(sorted(TASKS))}")
+    task_name = marker.args[0]
+    state = metafunc.config.stash[STATE]
+    gate = state.gate
+    if gate.tasks and task_name not in gate.tasks:
+        metafunc.parametrize("llmgate_item", [pytest.param(
+            None, id=f"{task_name}-not-selected",
+            marks=pytest.mark.skip(reason=f"task {task_name} is not in the configured tasks ({', '.join(gate.tasks)})"))])
+        return
+    settings = gate.task_settings.get(task_name)
+    limit = metafunc.config.getoption("llmgate_limit") or (settings.limit if settings else None) or gate.limit
+    try:
+        items, version = TASKS[task_name].load(gate.data_dir, limit)
+    except DatasetError as error:
+        raise pytest.Collector.CollectError(f"llmgate: task {task_name}: {error}") from None
+    state.versions[task_name] = version
+    marks = [getattr(pytest.mark, task_name)] + [getattr(pytest.mark, g) for g in gate.groups_of(task_name)]
+    metafunc.parametrize(
+        "llmgate_item", [pytest.param(item, id=item.item_id, marks=marks) for item in items])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Assign the selected items to shards (after -k, -m and --lf have deselected theirs)."""
+    state = config.stash[STATE]
+    if state.engine is None:
+        return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        task_item = callspec.params.get("llmgate_item") if callspec is not None else None
+        if not isinstance(task_item, TaskItem):
+            continue
+        base = item.nodeid.partition("[")[0]
+        shard = shard_of(base, task_item.item_id, state.gate.shard_size)
+        item.stash[SHARD] = shard
+        state.engine.register(shard, task_item, state.versions[task_item.task])
+
+
+@pytest.fixture
+def llmgate_item() -> TaskItem:
+    """The benchmark item under test; parametrized by ``@pytest.mark.llmgate(task)``."""
+    raise pytest.UsageError("llmgate_item is only available in tests marked @pytest.mark.llmgate('<task>')")
+
+
+@pytest.fixture
+def llmgate_outcome(request: pytest.FixtureRequest, llmgate_item: TaskItem | None) -> ItemOutcome:
+    """Evaluate the item on every model of the stage; a harness failure here is a test error."""
+    state = request.config.stash[STATE]
+    if state.stage is None:
+        pytest.skip("benchmarks run with --stage=baseline, --stage=<stage> or --stage=all")
+    assert llmgate_item is not None and state.engine is not None
+    if llmgate_item.error is not None:
+        raise DatasetError(llmgate_item.error)
+    task = TASKS[llmgate_item.task]
+    settings = state.gate.task_settings.get(task.name)
+    metric = settings.metric if settings and settings.metric else task.default_metric
+    shard = request.node.stash[SHARD]
+    sides = {}
+    for role in state.roles:
+        result = state.engine.result(role, shard, llmgate_item)
+        side = task.score(llmgate_item, result.results)
+        side.update(cached=result.cached, model=state.roles[role].name, fingerprint=state.engine.fingerprint(role))
+        sides[role] = side
+    outcome = ItemOutcome(
+        task=task.name, doc_id=llmgate_item.doc_id, item_id=llmgate_item.item_id, metric=metric,
+        gold=llmgate_item.gold, chance=task.chance(llmgate_item), sides=sides, worker=state.worker,
+        loads=dict(state.engine.loads))
+    request.node.stash[OUTCOME] = outcome.as_dict()
+    return outcome
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Attach the outcome to the call report: it travels to the controller, even across xdist."""
+    report = yield
+    if call.when == "call" and OUTCOME in item.stash:
+        report.llmgate = item.stash[OUTCOME]
+    if SHARD in item.stash:
+        report.llmgate_item = True
+    return report
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
+    """Regressions and improvements get their own letters and counts; they are not failures."""
+    outcome = getattr(report, "llmgate", None)
+    if report.when != "call" or not report.passed or not outcome:
+        return None
+    if outcome["status"] == "regressed":
+        return "regressed", "R", ("REGRESSED", {"yellow": True})
+    if outcome["status"] == "improved":
+        return "improved", "I", ("IMPROVED", {"green": True})
+    return None
+
+
+class GateController:
+    """Controller-only: tallies outcomes, decides, reports, sets the exit code."""
+
+    def __init__(self, config: pytest.Config, state: RunState) -> None:
+        self.config = config
+        self.state = state
+        self.tally = Tally()
+        self.harness_errors = 0
+        self.rendered: list[tuple[str, dict[str, bool]]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Collect outcomes and count harness errors of llmgate items."""
+        outcome = getattr(report, "llmgate", None)
+        if outcome is not None and report.when == "call":
+            self.tally.add(outcome)
+        elif getattr(report, "llmgate_item", False) and report.failed and report.when == "setup":
+            self.harness_errors += 1
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Decide the verdict, write the report, escalate the exit status (never lower it)."""
+        from .gate import decide_run
+        from .report.json_report import build_report, write_report
+        from .report.terminal import render
+
+        state = self.state
+        assert state.stage is not None
+        if not self.tally.outcomes and not self.harness_errors:
+            return
+        stats = self.tally.task_stats()
+        decision = decide_run(state.gate, state.stage, stats)
+        exit_code = int(session.exitstatus)
+        if exit_code == 0:
+            exit_code = decision.exit_code
+            session.exitstatus = exit_code
+        items = self.tally.ordered()
+        models: dict[str, dict[str, Any]] = {}
+        workers: dict[str, dict[str, int]] = {}
+        for outcome in items:
+            for role, side in outcome["sides"].items():
+                info = models.setdefault(role, {"name": side["model"], "fingerprint": side["fingerprint"],
+                                                "evaluated": 0, "cached": 0})
+                info["cached" if side["cached"] else "evaluated"] += 1
+            loads = workers.setdefault(outcome["worker"], {})
+            for name, count in outcome["loads"].items():
+                loads[name] = max(loads.get(name, 0), count)
+        self.rendered = render(decision, stats, exit_code=exit_code, harness_errors=self.harness_errors,
+                               models=models)
+        if state.report_path is not None:
+            write_report(state.report_path, build_report(
+                decision=decision, exit_code=exit_code, stats=stats, items=items, models=models,
+                workers=workers, harness_errors=self.harness_errors, chance_margin=state.gate.chance_margin))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """The table and the verdict."""
+        if not self.rendered:
+            return
+        terminalreporter.section("llmgate", sep="=")
+        for line, markup in self.rendered:
+            terminalreporter.write_line(line, **markup)
+        if self.state.report_path is not None:
+            terminalreporter.write_line(f"llmgate report: {self.state.report_path}")
+

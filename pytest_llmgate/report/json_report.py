@@ -1,0 +1,105 @@
+"""The JSON report (schema ``llmgate-report/1``): every printed figure is recomputable from ``items``."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import BASELINE_STAGE
+from ..gate import RuleResult, RunDecision, StageVerdict
+from ..stats import TaskStats
+
+SCHEMA = "llmgate-report/1"
+
+
+def _rule(rule: RuleResult) -> dict[str, Any]:
+    return {"rule": rule.rule, "passed": rule.passed, "detail": rule.detail, "critical": rule.critical,
+            "task": rule.task, "skipped": rule.skipped}
+
+
+def _tasks(stats: Mapping[str, TaskStats], verdict: StageVerdict | None, margin_note: str) -> dict[str, Any]:
+    tasks: dict[str, Any] = {}
+    for name, st in sorted(stats.items()):
+        entry: dict[str, Any] = {
+            "metric": st.metric, "n": st.n, "chance": st.chance,
+            "baseline": {"score": st.scores.get(BASELINE_STAGE)},
+            "candidate": {"score": None}, "retention": None, "step_retention": None,
+            "threshold": None, "passed": True, "informative": True,
+            "wins": 0, "losses": 0, "ties": 0,
+        }
+        if verdict is not None and name in verdict.tasks:
+            tv = verdict.tasks[name]
+            entry.update(
+                candidate={"score": tv.score, "stage": verdict.stage}, retention=tv.retention,
+                step_retention=tv.step_retention, threshold=tv.threshold, passed=tv.passed,
+                informative=tv.informative, wins=tv.wlt[0], losses=tv.wlt[1], ties=tv.wlt[2])
+            if not tv.informative:
+                entry["note"] = margin_note
+        tasks[name] = entry
+    return tasks
+
+
+def _stage(stats: Mapping[str, TaskStats], verdict: StageVerdict, margin_note: str) -> dict[str, Any]:
+    return {
+        "verdict": verdict.verdict, "exit_code": verdict.exit_code,
+        "mean_retention": verdict.mean_retention,
+        "tasks": _tasks(stats, verdict, margin_note), "rules": [_rule(r) for r in verdict.rules],
+        "recommendations": list(verdict.recommendations),
+    }
+
+
+def build_report(
+    *,
+    decision: RunDecision,
+    exit_code: int,
+    stats: Mapping[str, TaskStats],
+    items: Sequence[Mapping[str, Any]],
+    models: Mapping[str, Any],
+    workers: Mapping[str, Any],
+    harness_errors: int,
+    chance_margin: float,
+) -> dict[str, Any]:
+    """The report as a dict of builtin types."""
+    main = decision.main
+    candidate_role = main.stage if main is not None else None
+    note = f"baseline within {chance_margin:.2f} of chance: retention is uninformative and does not gate"
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "stage": decision.stage,
+        "verdict": decision.verdict,
+        "exit_code": exit_code,
+        "gate_exit_code": decision.exit_code,
+        "complete": harness_errors == 0,
+        "harness_errors": harness_errors,
+        "policy": "point",
+        "selected_stage": decision.selected,
+        "models": dict(models),
+        "workers": dict(workers),
+        "tasks": _tasks(stats, main, note),
+        "rules": [_rule(r) for r in main.rules] if main else [],
+        "recommendations": list(main.recommendations) if main else [],
+        "stages": {v.stage: _stage(stats, v, note) for v in decision.stages},
+        "items": [],
+    }
+    for outcome in items:
+        sides = outcome["sides"]
+        report["items"].append({
+            "task": outcome["task"], "doc_id": outcome["doc_id"], "id": outcome["id"],
+            "metric": outcome["metric"], "gold": outcome["gold"], "chance": outcome["chance"],
+            "status": outcome["status"],
+            "baseline": sides.get(BASELINE_STAGE),
+            "candidate": sides.get(candidate_role) if candidate_role else None,
+            "stages": {role: side for role, side in sides.items() if role != BASELINE_STAGE},
+        })
+    return report
+
+
+def write_report(path: Path, report: Mapping[str, Any]) -> None:
+    """Write atomically, so a reader never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)

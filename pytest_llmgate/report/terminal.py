@@ -1,0 +1,79 @@
+"""The terminal summary: a table per evaluated stage and the verdict, in green or red."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import BASELINE_STAGE
+from ..gate import RunDecision, StageVerdict
+from ..stats import TaskStats
+
+HEADER = ("task", "metric", "n", "baseline", "candidate", "retention", "threshold", "W/L/T", "status")
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def stage_table(stats: Mapping[str, TaskStats], verdict: StageVerdict | None) -> list[str]:
+    """Rows of the summary table for one stage (or baseline scores alone)."""
+    rows: list[tuple[str, ...]] = [HEADER]
+    for name, st in sorted(stats.items()):
+        base = st.scores.get(BASELINE_STAGE)
+        if verdict is None or name not in verdict.tasks:
+            rows.append((name, st.metric, str(st.n), _num(base), "-", "-", "-", "-", "recorded"))
+            continue
+        tv = verdict.tasks[name]
+        status = "PASS" if tv.passed else "FAIL"
+        if not tv.informative:
+            status += " (at chance)"
+        rows.append((name, st.metric, str(st.n), _num(base), _num(tv.score), _num(tv.retention),
+                     _num(tv.threshold, 2), "/".join(map(str, tv.wlt)), status))
+    return _table(rows)
+
+
+def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: int,
+           harness_errors: int, models: Mapping[str, Any]) -> list[tuple[str, dict[str, bool]]]:
+    """(line, markup) pairs for the terminal reporter."""
+    out: list[tuple[str, dict[str, bool]]] = []
+    for role, info in models.items():
+        out.append((f"{role}: {info['name']} ({info['fingerprint'][:12]}) - evaluated {info['evaluated']}, "
+                    f"from cache {info['cached']}", {}))
+    if decision.stage == BASELINE_STAGE:
+        out += [(line, {}) for line in stage_table(stats, None)]
+        out.append((f"baseline recorded: {sum(s.n for s in stats.values())} items in the cache; "
+                    "run --stage=<stage> to gate a compressed model", {"green": True, "bold": True}))
+    for verdict in decision.stages:
+        out.append(("", {}))
+        out.append((f"stage {verdict.stage}: {verdict.verdict.upper()}", {"bold": True}))
+        out += [(line, {}) for line in stage_table(stats, verdict)]
+        for rule in verdict.rules:
+            if not rule.passed:
+                out.append((f"  FAILED {rule.rule}: {rule.detail}", {"red": True}))
+            elif rule.skipped:
+                out.append((f"  skipped {rule.rule}: {rule.detail}", {"yellow": True}))
+        for advice in verdict.recommendations:
+            out.append((f"  recommendation: {advice}", {"yellow": True}))
+    if decision.stage != BASELINE_STAGE:
+        out.append(("", {}))
+        if decision.stage == "all":
+            headline = (f"llmgate: ladder selects stage '{decision.selected}' (the most compressed that passes)"
+                        if decision.selected else
+                        "llmgate: no stage of the ladder passes; ship none of them")
+        else:
+            headline = f"llmgate: stage '{decision.stage}' {decision.verdict.upper()}"
+        good = decision.verdict == "pass"
+        out.append((f"{headline} (exit {exit_code})", {"green": good, "red": not good, "bold": True}))
+    if harness_errors:
+        out.append((f"llmgate: {harness_errors} item(s) hit harness errors; the verdict covers only the "
+                    "items that ran and does not gate (pytest's exit code stands)", {"red": True}))
+    return out

@@ -1,0 +1,25 @@
+"""ARC-Challenge, as lm-evaluation-harness 0.4's ``arc_challenge`` task (0-shot, test split)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import MultipleChoiceTask
+from .data import DatasetRef
+
+
+class ArcChallenge(MultipleChoiceTask):
+    """``Question: {question}\\nAnswer:`` followed by `` {choice}``; gold from ``answerKey``."""
+
+    name = "arc_challenge"
+    dataset = DatasetRef("allenai/ai2_arc", "ARC-Challenge", "test", "arc_challenge")
+    reference = "lm-eval 0.4 tasks/arc/arc_challenge.yaml"
+
+    def build(self, doc: dict[str, Any]) -> tuple[str, list[str], int]:
+        """Same template, choices and target as lm-eval's arc_easy.yaml (which arc_challenge includes)."""
+        choices = doc["choices"]
+        return (
+            f"Question: {doc['question']}\nAnswer:",
+            list(choices["text"]),
+            list(choices["label"]).index(doc["answerKey"]),
+        )

@@ -1,0 +1,129 @@
+"""Loading a task's evaluation split: a local folder in the hub's schema, or the hub itself."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATA_DIR_ENV = "LLMGATE_DATA_DIR"
+
+
+class DatasetError(Exception):
+    """The data for a task could not be found or read; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """Where a split lives: its hub id and config, and its folder name in a local data dir."""
+
+    hub_path: str
+    hub_name: str | None
+    split: str
+    folder: str
+
+
+@dataclass(frozen=True)
+class LoadedSplit:
+    """The rows of one split, with a hash of their content and where they came from."""
+
+    rows: tuple[dict[str, Any], ...]
+    content_hash: str
+    origin: str
+
+
+def content_hash(rows: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> str:
+    """A hash of the rows' content, the same whether they came from the hub or a local file."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def local_candidates(ref: DatasetRef, data_dir: Path) -> list[Path]:
+    """The files that may hold ``ref`` under ``data_dir``, in order of preference."""
+    folder = data_dir / ref.folder
+    found = [folder / f"{ref.split}.jsonl", folder / f"{ref.split}.parquet"]
+    found += sorted(folder.glob(f"{ref.split}-*.parquet"))
+    return [path for path in found if path.is_file()]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg}); fix or remove the line") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path}:{number}: expected a JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def _read_parquet(paths: list[Path]) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow comes with datasets
+        raise DatasetError(f"reading {paths[0]} needs pyarrow: pip install pyarrow") from None
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
+
+
+@functools.lru_cache(maxsize=64)
+def load_split(ref: DatasetRef, data_dir: Path | None) -> LoadedSplit:
+    """Rows of ``ref``: from ``data_dir`` (or $LLMGATE_DATA_DIR) when set, else from the hub."""
+    if data_dir is None and os.environ.get(DATA_DIR_ENV):
+        data_dir = Path(os.environ[DATA_DIR_ENV])
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            raise DatasetError(
+                f"data dir {data_dir} does not exist; point --llmgate-data-dir (or ${DATA_DIR_ENV}, "
+                "or data_dir in [tool.llmgate]) at a folder with one sub-folder per task"
+            )
+        paths = local_candidates(ref, data_dir)
+        if not paths:
+            raise DatasetError(
+                f"no data for split '{ref.split}' of {ref.hub_path}: expected "
+                f"{data_dir / ref.folder / (ref.split + '.jsonl')} (or .parquet) in the hub's schema; "
+                "add the file, or unset the data dir to load from the Hugging Face hub"
+            )
+        jsonl = [p for p in paths if p.suffix == ".jsonl"]
+        rows = _read_jsonl(jsonl[0]) if jsonl else _read_parquet(paths)
+        origin = str(jsonl[0] if jsonl else paths[0])
+    else:
+        rows = _load_from_hub(ref)
+        origin = f"hub:{ref.hub_path}" + (f"/{ref.hub_name}" if ref.hub_name else "") + f":{ref.split}"
+    if not rows:
+        raise DatasetError(f"{origin}: the split is empty")
+    frozen = tuple(rows)
+    return LoadedSplit(frozen, content_hash(frozen), origin)
+
+
+def _load_from_hub(ref: DatasetRef) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(
+            f"loading {ref.hub_path} from the hub needs the datasets package (pip install datasets); "
+            f"or pass --llmgate-data-dir with a folder holding {ref.folder}/{ref.split}.jsonl"
+        ) from None
+    try:
+        dataset = datasets.load_dataset(ref.hub_path, ref.hub_name, split=ref.split)
+    except Exception as error:  # the hub raises many kinds; all mean "not available here"
+        raise DatasetError(
+            f"could not load {ref.hub_path} ({ref.hub_name or 'default'}, split {ref.split}) from the "
+            f"Hugging Face hub: {type(error).__name__}: {error}. Offline? Pass --llmgate-data-dir "
+            f"with a folder holding {ref.folder}/{ref.split}.jsonl in the hub's schema"
+        ) from None
+    return [dict(row) for row in dataset]
