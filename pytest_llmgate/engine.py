@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ class Engine:
     _fingerprints: dict[str, str] = field(default_factory=dict)
     _backends: dict[str, Backend] = field(default_factory=dict)
     _memo: dict[tuple[str, str], SideResult] = field(default_factory=dict)
-    _failed: dict[tuple[str, str], str] = field(default_factory=dict)
+    _failed: dict[tuple[str, str], str] = field(default_factory=dict)  # (fingerprint, item) -> error
 
     def register(self, shard: str, item: TaskItem, task_version: str) -> None:
         """Declare that ``item`` (of ``task_version``) belongs to ``shard`` in this process."""
@@ -69,7 +69,8 @@ class Engine:
         fingerprint = self.fingerprint(role)
         if fingerprint not in self._backends:
             spec = self.roles[role]
-            device = pick_device(spec.device, self.worker_index)
+            # A backend of the user's own picks its device itself; ours pin one per xdist worker.
+            device = spec.device if ":" in spec.backend else pick_device(spec.device, self.worker_index)
             self._backends[fingerprint] = load_backend(
                 spec, device=device, work_dir=self.work_dir, fingerprint=fingerprint)
             self.loads[spec.name] += 1
@@ -78,40 +79,61 @@ class Engine:
     def result(self, role: str, shard: str, item: TaskItem) -> SideResult:
         """``role``'s results for ``item``; computes the whole shard on first use."""
         fingerprint = self.fingerprint(role)
-        memo_key = (fingerprint, f"{item.task}/{item.item_id}")
-        if memo_key not in self._memo:
-            if (fingerprint, shard) in self._failed:
-                raise ShardError(self._failed[(fingerprint, shard)])
-            try:
-                self._run_shard(role, shard)
-            except Exception as error:
-                message = (f"model '{self.roles[role].name}' failed on shard {shard}: "
-                           f"{type(error).__name__}: {error}")
-                self._failed[(fingerprint, shard)] = message
-                raise ShardError(message) from error
-        return self._memo[memo_key]
+        name = f"{item.task}/{item.item_id}"
+        if (fingerprint, name) not in self._memo and (fingerprint, name) not in self._failed:
+            self._run_shard(role, shard, item)
+        if (fingerprint, name) in self._failed:
+            raise ShardError(self._failed[(fingerprint, name)])
+        return self._memo[(fingerprint, name)]
 
-    def _run_shard(self, role: str, shard: str) -> None:
+    def _run_shard(self, role: str, shard: str, item: TaskItem) -> None:
         fingerprint = self.fingerprint(role)
-        members = [(item, version) for item, version in self.shards.get(shard, []) if item.error is None]
+        members = [(i, v) for i, v in self.shards.get(shard, []) if i.error is None]
+        if not any(i is item for i, _ in members):
+            members = [(item, version) for i, version in self.shards.get(shard, []) if i is item] or members
+        todo = [(i, v) for i, v in members if (fingerprint, f"{i.task}/{i.item_id}") not in self._memo]
         keys = {
-            f"{item.task}/{item.item_id}": result_key(
-                fingerprint=fingerprint, task_version=version, prompt_hash=item.prompt_hash(),
-                params=REQUEST_PARAMS, item_id=f"{item.task}/{item.item_id}")
-            for item, version in members
+            f"{i.task}/{i.item_id}": result_key(
+                fingerprint=fingerprint, task_version=version, prompt_hash=i.prompt_hash(),
+                params=REQUEST_PARAMS, item_id=f"{i.task}/{i.item_id}")
+            for i, version in todo
         }
         found = self.cache.get_many(keys.values()) if self.cache is not None else {}
         missing = []
-        for item, version in members:
-            name = f"{item.task}/{item.item_id}"
+        for i, version in todo:
+            name = f"{i.task}/{i.item_id}"
             if keys[name] in found:
                 self._memo[(fingerprint, name)] = SideResult(found[keys[name]], cached=True)
             else:
-                missing.append((item, version))
+                missing.append((i, version, keys[name]))
         if not missing:
             return
-        backend = self.backend(role)
-        requests = [request for item, _ in missing for request in item.requests]
+        model = self.roles[role].name
+        try:
+            backend = self.backend(role)
+        except Exception as error:
+            # A model that cannot load fails every item that needs it, with the same message.
+            for i, _, _ in missing:
+                self._failed[(fingerprint, f"{i.task}/{i.item_id}")] = (
+                    f"model '{model}' could not be loaded: {type(error).__name__}: {error}")
+            return
+        try:
+            self._evaluate(role, backend, missing)
+        except Exception:
+            if len(missing) == 1:
+                raise
+            # One bad item must not take its shard down: retry one by one, failing only the culprit.
+            for entry in missing:
+                try:
+                    self._evaluate(role, backend, [entry])
+                except Exception as error:
+                    i = entry[0]
+                    self._failed[(fingerprint, f"{i.task}/{i.item_id}")] = (
+                        f"model '{model}' failed on {i.task} {i.item_id}: {type(error).__name__}: {error}")
+
+    def _evaluate(self, role: str, backend: Backend, missing: list[tuple[TaskItem, str, str]]) -> None:
+        fingerprint = self.fingerprint(role)
+        requests = [request for item, _, _ in missing for request in item.requests]
         started = time.perf_counter()
         outputs = backend.loglikelihood(requests)
         self.seconds[self.roles[role].name] += time.perf_counter() - started
@@ -119,13 +141,13 @@ class Engine:
             raise ShardError(f"backend returned {len(outputs)} results for {len(requests)} requests")
         rows = []
         offset = 0
-        for item, version in missing:
+        for item, version, key in missing:
             values = [[float(ll), bool(greedy)] for ll, greedy in outputs[offset:offset + len(item.requests)]]
             offset += len(item.requests)
-            name = f"{item.task}/{item.item_id}"
-            self._memo[(fingerprint, name)] = SideResult(values, cached=False)
-            rows.append((keys[name], fingerprint, version, values))
+            self._memo[(fingerprint, f"{item.task}/{item.item_id}")] = SideResult(values, cached=False)
+            rows.append((key, fingerprint, version, values))
         self.evaluated[self.roles[role].name] += len(missing)
+        # One transaction per batch: a crash later loses nothing already stored.
         if self.cache is not None:
             self.cache.put_many(rows)
 
@@ -158,7 +180,3 @@ def split_nodeid(nodeid: str) -> tuple[str, str] | None:
         return None
     return base, param
 
-
-def shards_in_order(items: Sequence[tuple[str, Any]]) -> list[str]:
-    """Distinct shard keys in first-seen order."""
-    return list(dict.fromkeys(key for key, _ in items))

@@ -17,12 +17,14 @@ from .config import (
     ConfigError, GateConfig, ModelSpec, apply_overrides, find_config_file,
     parse_config,
 )
-from .engine import Engine, shard_of
+from .engine import Engine, ShardError, shard_of
+from .models import ModelLoadError
 from .outcome import ItemOutcome
 from .stats import Tally
 from .tasks import TASKS, DatasetError, TaskItem
 
 MARKER = "llmgate"
+HARNESS_ERRORS = (ShardError, DatasetError, ModelLoadError)
 
 
 @dataclass
@@ -245,6 +247,9 @@ def llmgate_outcome(request: pytest.FixtureRequest, llmgate_item: TaskItem | Non
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """Attach the outcome to the call report: it travels to the controller, even across xdist."""
     report = yield
+    if SHARD in item.stash and call.excinfo is not None and call.excinfo.errisinstance(HARNESS_ERRORS):
+        # A harness error names its cause in one line; the engine's traceback would only hide it.
+        report.longrepr = f"llmgate harness error: {call.excinfo.value}"
     if call.when == "call" and OUTCOME in item.stash:
         report.llmgate = item.stash[OUTCOME]
     if SHARD in item.stash:

@@ -1,0 +1,42 @@
+"""Shared fixtures for the project's own tests: real data, and throwaway gate projects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+# pytester's inline runs drop modules first imported during a run from sys.modules; importing
+# torch's C extension a second time then crashes the interpreter. Importing it here keeps it loaded.
+import torch  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """The real benchmark data beside the checkout (../shared/datasets), read in place."""
+    if not (SHARED_DATASETS / "arc_challenge" / "test.jsonl").is_file():
+        pytest.fail(f"real data expected at {SHARED_DATASETS}; the tests read it from there (see README)")
+    return SHARED_DATASETS
+
+
+def synthetic_arc_rows(count: int) -> list[dict]:
+    """ARC-schema rows whose right answer contains the word RIGHT (for the SkillBackend double)."""
+    rows = []
+    for index in range(count):
+        labels = ["A", "B", "C", "D"]
+        right = index % 4
+        texts = [f"answer {index}-{k} RIGHT" if k == right else f"answer {index}-{k} wrong" for k in range(4)]
+        rows.append({"id": f"q{index}", "question": f"Synthetic question {index}?",
+                     "choices": {"text": texts, "label": labels}, "answerKey": labels[right]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write rows as JSON Lines, creating folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

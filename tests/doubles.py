@@ -1,0 +1,61 @@
+"""A deterministic test-double backend, for unit and mechanics tests only (never the demo).
+
+Its "weights" are a small JSON file: ``skill`` is the probability that it prefers the choice
+containing the word RIGHT (decided per context by a hash, so reproducible), ``seed`` varies the
+noise. Changing the file changes the fingerprint, like changing a weight of a real model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+LOADS_ENV = "LLMGATE_TEST_LOADS"
+
+
+def _unit(*parts: str) -> float:
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+class SkillBackend:
+    """Prefers the RIGHT choice with probability ``skill``; otherwise scores by hash noise."""
+
+    def __init__(self, spec, device: str) -> None:
+        self.weights = json.loads(Path(spec.path).read_text())
+        self.name = spec.name
+        # Each load appends a line, so tests can count loads per process.
+        if os.environ.get(LOADS_ENV):
+            with open(os.environ[LOADS_ENV], "a") as handle:
+                handle.write(f"{os.getpid()} {spec.name}\n")
+        self.requests_seen = 0
+
+    @classmethod
+    def fingerprint(cls, spec) -> str:
+        """Hash of the weights file: one changed value misses the cache."""
+        return hashlib.sha256(Path(spec.path).read_bytes()).hexdigest()
+
+    def loglikelihood(self, requests: Sequence) -> list[tuple[float, bool]]:
+        """Deterministic per (weights, context, continuation), independent of batching and order."""
+        crash_after = self.weights.get("crash_after_requests")
+        fail_on = self.weights.get("fail_on")
+        out = []
+        for request in requests:
+            self.requests_seen += 1
+            if crash_after is not None and self.requests_seen > crash_after:
+                os._exit(3)  # a hard crash, as a segfaulting CUDA kernel would
+            if fail_on and fail_on in request.context:
+                raise RuntimeError(f"simulated model failure on {fail_on!r}")
+            seed = str(self.weights.get("seed", 0))
+            knows = _unit(seed, "skill", request.context) < float(self.weights.get("skill", 1.0))
+            if "RIGHT" in request.continuation and knows:
+                out.append((-0.5, True))
+            else:
+                out.append((-5.0 - 20.0 * _unit(seed, request.context, request.continuation), False))
+        return out
+
+    def close(self) -> None:
+        """Nothing to free."""
