@@ -30,6 +30,10 @@ class ShardScheduling(LoadScopeScheduling):
         return shard_of(parts[0], parts[1], self.shard_size)
 
     def _assign_work_unit(self, node: Any) -> None:
+        # A replacement for a crashed worker can be rescheduled before its collection arrives;
+        # it gets work when the collection does (schedule() reschedules every node then).
+        if node not in self.registered_collections:
+            return
         # xdist looks each node id up with list.index: quadratic on tens of thousands of items.
         scope, work_unit = self.workqueue.popitem(last=False)
         self.assigned_work.setdefault(node, {})[scope] = work_unit

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LOADS_ENV = "LLMGATE_TEST_LOADS"
+# "model-name:N:FLAG": the first process to pass N requests of that model creates FLAG and hard-exits.
+CRASH_ENV = "LLMGATE_TEST_CRASH_AFTER"
 
 
 def _unit(*parts: str) -> float:
@@ -40,12 +42,14 @@ class SkillBackend:
 
     def loglikelihood(self, requests: Sequence) -> list[tuple[float, bool]]:
         """Deterministic per (weights, context, continuation), independent of batching and order."""
-        crash_after = self.weights.get("crash_after_requests")
+        crash_model, crash_count, crash_flag = (os.environ.get(CRASH_ENV, "").split(":") + ["", ""])[:3]
+        crash_after = int(crash_count) if crash_model == self.name else None
         fail_on = self.weights.get("fail_on")
         out = []
         for request in requests:
             self.requests_seen += 1
-            if crash_after is not None and self.requests_seen > crash_after:
+            if crash_after is not None and self.requests_seen > crash_after and not os.path.exists(crash_flag):
+                Path(crash_flag).touch()
                 os._exit(3)  # a hard crash, as a segfaulting CUDA kernel would
             if fail_on and fail_on in request.context:
                 raise RuntimeError(f"simulated model failure on {fail_on!r}")

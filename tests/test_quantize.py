@@ -246,6 +246,14 @@ def test_same_seed_same_bytes_other_seed_other_codebook(
     assert any(not torch.equal(first[k], third[k]) for k in quantized_keys)
 
 
+def test_the_torch_thread_count_is_restored(tiny_model: Any, tmp_path: pathlib.Path) -> None:
+    before = torch.get_num_threads()
+    quantize.build_vptq_checkpoint(tiny_model, tmp_path / "ckpt", kmeans_iters=1)
+    assert torch.get_num_threads() == before
+    quantize.rtn_quantize_(tiny_model, bits=4)
+    assert torch.get_num_threads() == before
+
+
 def test_existing_folder_is_replaced_only_on_request(
     tiny_model_once: Any, tmp_path: pathlib.Path
 ) -> None:
@@ -334,23 +342,35 @@ def test_packing_matches_vptq(vptq: Any) -> None:
         assert torch.equal(theirs, ours), index_bits
 
 
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize(
+    ("normalize", "with_biases"), [(False, False), (True, False), (False, True)]
+)
 def test_vptq_loads_the_checkpoint_with_our_reconstruction(
     vptq: Any,
     tiny_config: Any,
     tiny_model_once: Any,
     tmp_path: pathlib.Path,
     normalize: bool,
+    with_biases: bool,
 ) -> None:
+    config, original = tiny_config, tiny_model_once
+    if with_biases:
+        config = copy.deepcopy(tiny_config)
+        config.attention_bias = config.mlp_bias = True
+        torch.manual_seed(1)
+        original = transformers.LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            for _name, linear in quantize.decoder_linears(original):
+                linear.bias.normal_()
     checkpoint = quantize.build_vptq_checkpoint(
-        tiny_model_once, tmp_path / "ckpt", normalize=normalize, kmeans_iters=5
+        original, tmp_path / "ckpt", normalize=normalize, kmeans_iters=5
     )
     loaded = quantize.load_vptq_model(checkpoint)
     assert not loaded.training
     assert isinstance(loaded.model.layers[1].mlp.down_proj, vptq.VQuantLinear)
-    reference = _dense_copy_with(tiny_config, quantize.dequantize_vptq_checkpoint(checkpoint))
+    reference = _dense_copy_with(config, quantize.dequantize_vptq_checkpoint(checkpoint))
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     expected = _logits(reference, tokens)
     torch.testing.assert_close(_logits(loaded, tokens), expected, atol=1e-4, rtol=0)
     # The quantization is lossy: the original model's logits are measurably different.
-    assert (expected - _logits(tiny_model_once, tokens)).abs().max() > 1e-3
+    assert (expected - _logits(original, tokens)).abs().max() > 1e-3

@@ -77,7 +77,7 @@ def package_folder(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"package {name} is not installed in {sys.executable}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # --- prepare (runs in the lm-eval environment) ---------------------------------------------------
@@ -93,18 +93,19 @@ def save_hf_folder(target: Path) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model until its quantizer is dropped (the weights already are float32).
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     del model.config.quantization_config
     model.save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))
     print(f"saved {folder / gguf_file} as float32 transformers folder {target}")
 
 
-def write_task_yaml(task: str, tasks_dir: Path, data_dir: Path) -> Path:
+def write_task_yaml(task: str, tasks_dir: Path, data_dir: Path) -> None:
     """A YAML that includes lm-eval's own task definition and changes only where the data comes from."""
-    import yaml
-
     include, files = LM_EVAL_TASKS[task]
+    for file in files.values():
+        if not (data_dir / file).is_file():
+            raise SystemExit(f"missing data file {data_dir / file}")
     source = package_folder("lm_eval") / "tasks" / include
     config: dict[str, Any] = {
         "include": str(source),
@@ -115,17 +116,15 @@ def write_task_yaml(task: str, tasks_dir: Path, data_dir: Path) -> Path:
     }
     for key in SPLIT_KEYS:
         config[key] = SPLIT_NAMES[key] if key in files else None
-    for file in files.values():
-        if not (data_dir / file).is_file():
-            raise SystemExit(f"missing data file {data_dir / file}")
     path = tasks_dir / f"{local_task_name(task)}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    # One ``key: value`` line each, values in JSON (YAML flow style): no YAML library needed.
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items()), encoding="utf-8")
     print(f"wrote {path} (includes {source})")
-    return path
 
 
 def prepare(out: Path, tasks: Sequence[str], data_dir: Path, limit: int) -> None:
     """Write OUT/smollm2-hf (unless present) and OUT/tasks/*.yaml, then print the lm_eval command."""
+    out = out.resolve()
     hf_folder = out / "smollm2-hf"
     if (hf_folder / "config.json").is_file():
         print(f"{hf_folder} already holds a model; delete it to rebuild")
@@ -181,7 +180,8 @@ def samples_file(samples_dir: Path, task: str) -> Path:
     """The newest ``samples_<task>_local_*.jsonl`` under the lm-eval output folder."""
     found = sorted(samples_dir.rglob(f"samples_{local_task_name(task)}_*.jsonl"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise SystemExit(f"no samples_{local_task_name(task)}_*.jsonl under {samples_dir}; run lm_eval with --log_samples")
+        raise SystemExit(f"no samples_{local_task_name(task)}_*.jsonl under {samples_dir}; "
+                         "run lm_eval with --log_samples")
     return found[-1]
 
 

@@ -122,7 +122,8 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int | None = 128) -> 
     ``None``, otherwise per group of ``group_size`` consecutive input columns (the last group of
     a row may be shorter). Each group is scaled by ``absmax / (2**(bits-1) - 1)`` and rounded to
     the integers ``-(2**(bits-1) - 1) .. 2**(bits-1) - 1``, so it takes at most ``2**bits - 1``
-    distinct values; biases are left alone. Returns the number of layers quantized.
+    distinct values; biases are left alone. Runs on one torch thread (restored afterwards).
+    Returns the number of layers quantized.
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
         raise ValueError(f"bits must be an integer from 2 to 16, got {bits!r}")
@@ -134,7 +135,7 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int | None = 128) -> 
 
     linears = decoder_linears(model)
     started = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), _single_threaded_torch():
         for _name, linear in linears:
             weight = linear.weight
             rounded = _rtn_dequantized(weight.detach().float(), bits, group_size)
@@ -205,9 +206,10 @@ def build_vptq_checkpoint(
     are stored as the layer's ``weight_bias`` / ``weight_scale``. Everything else (embeddings,
     norms, ``lm_head``, written as its own tensor even when tied) is stored unchanged.
 
-    The result is deterministic for a given ``seed`` (and torch thread count). The checkpoint is
-    built in a temporary folder beside ``out_dir`` and renamed into place, so a crash never
-    leaves a half-written checkpoint; an existing non-empty ``out_dir`` is replaced only with
+    The result is deterministic for a given ``seed``; the k-means runs on one torch thread
+    (the process-wide thread count is restored afterwards). The checkpoint is built in a
+    temporary folder beside ``out_dir`` and renamed into place, so a crash never leaves a
+    half-written checkpoint; an existing non-empty ``out_dir`` is replaced only with
     ``overwrite=True``. ``tokenizer``, when given, is saved alongside. The model is not
     modified. Returns ``out_dir`` as a :class:`pathlib.Path`.
     """
@@ -228,8 +230,6 @@ def build_vptq_checkpoint(
             f"{out_path} already exists and is not empty; pass overwrite=True to replace it"
         )
     linears = decoder_linears(model)
-    index_bits = int(math.log2(num_centroids))
-
     started = time.perf_counter()
     tensors: dict[str, torch.Tensor] = {}
     layer_configs: dict[str, dict[str, Any]] = {}
@@ -239,38 +239,20 @@ def build_vptq_checkpoint(
             if key not in quantized_weights:
                 # Cloned one by one: safetensors refuses tensors that share memory (tied weights).
                 tensors[key] = value.detach().to("cpu").contiguous().clone()
-        for name, linear in linears:
-            layer_started = time.perf_counter()
-            generator = torch.Generator().manual_seed(_layer_seed(seed, name))
-            quantized = _vector_quantize(
-                linear.weight.detach().to("cpu"),
-                vector_len=vector_len,
-                num_centroids=num_centroids,
-                iters=kmeans_iters,
-                generator=generator,
-                normalize=normalize,
-            )
-            tensors[f"{name}.centroids.weight"] = quantized.centroids.reshape(1, -1).contiguous()
-            tensors[f"{name}.indices"] = _pack_indices(quantized.indices, index_bits).unsqueeze(0)
-            if quantized.weight_scale is not None and quantized.weight_bias is not None:
-                tensors[f"{name}.weight_scale"] = quantized.weight_scale
-                tensors[f"{name}.weight_bias"] = quantized.weight_bias
-            layer_configs[name] = {
-                "bias": linear.bias is not None,
-                "enable_norm": normalize,
-                "enable_perm": False,
-                "group_num": 1,
-                "group_size": linear.in_features,
-                "in_features": linear.in_features,
-                "indices_as_float": False,
-                "is_indice_packed": True,
-                "num_centroids": [-1, num_centroids],
-                "num_res_centroids": [-1, -1],
-                "out_features": linear.out_features,
-                "outlier_size": 0,
-                "vector_lens": [-1, vector_len],
-            }
-            logger.debug("vptq: %s in %.2f s", name, time.perf_counter() - layer_started)
+        with _single_threaded_torch():
+            for name, linear in linears:
+                layer_started = time.perf_counter()
+                layer_tensors, layer_configs[name] = _quantize_linear(
+                    name,
+                    linear,
+                    vector_len=vector_len,
+                    num_centroids=num_centroids,
+                    iters=kmeans_iters,
+                    seed=seed,
+                    normalize=normalize,
+                )
+                tensors.update(layer_tensors)
+                logger.debug("vptq: %s in %.2f s", name, time.perf_counter() - layer_started)
 
     config = json.loads(model.config.to_json_string())  # type: ignore[union-attr,operator]
     config["quantization_config"] = {
@@ -283,7 +265,7 @@ def build_vptq_checkpoint(
     logger.info(
         "vptq: %d layers, %.3g bits/weight, written to %s in %.1f s",
         len(linears),
-        index_bits / vector_len,
+        math.log2(num_centroids) / vector_len,
         out_path,
         time.perf_counter() - started,
     )
@@ -441,6 +423,56 @@ def _check_positive_int(name: str, value: object) -> None:
 def _layer_seed(seed: int, name: str) -> int:
     """A per-layer seed, so that a layer's codebook does not depend on the layers before it."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _quantize_linear(
+    name: str,
+    linear: nn.Linear,
+    *,
+    vector_len: int,
+    num_centroids: int,
+    iters: int,
+    seed: int,
+    normalize: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One linear layer's quantized tensors and ``config_for_layers`` entry.
+
+    Its bias, if any, is stored under its usual name with the rest of the state dict.
+    """
+    import torch
+
+    quantized = _vector_quantize(
+        linear.weight.detach().to("cpu"),
+        vector_len=vector_len,
+        num_centroids=num_centroids,
+        iters=iters,
+        generator=torch.Generator().manual_seed(_layer_seed(seed, name)),
+        normalize=normalize,
+    )
+    index_bits = int(math.log2(num_centroids))
+    tensors = {
+        f"{name}.centroids.weight": quantized.centroids.reshape(1, -1).contiguous(),
+        f"{name}.indices": _pack_indices(quantized.indices, index_bits).unsqueeze(0),
+    }
+    if quantized.weight_scale is not None and quantized.weight_bias is not None:
+        tensors[f"{name}.weight_scale"] = quantized.weight_scale
+        tensors[f"{name}.weight_bias"] = quantized.weight_bias
+    config = {
+        "bias": linear.bias is not None,
+        "enable_norm": normalize,
+        "enable_perm": False,
+        "group_num": 1,
+        "group_size": linear.in_features,
+        "in_features": linear.in_features,
+        "indices_as_float": False,
+        "is_indice_packed": True,
+        "num_centroids": [-1, num_centroids],
+        "num_res_centroids": [-1, -1],
+        "out_features": linear.out_features,
+        "outlier_size": 0,
+        "vector_lens": [-1, vector_len],
+    }
+    return tensors, config
 
 
 def _vector_quantize(
@@ -675,6 +707,25 @@ def _replace_folder(source: pathlib.Path, target: pathlib.Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    """Run torch on one thread, restoring the process-wide thread count afterwards.
+
+    Quantizing is cheap element-wise work and tiny matrix products (vectors of 4 floats): a
+    second thread gains little on an idle machine, while on a busy one (another test process,
+    an evaluation) oversubscribed threads made the same work 10-50x slower. One thread also
+    makes the k-means result independent of the thread count.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
