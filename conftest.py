@@ -40,3 +40,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    """Rows of a JSON Lines file (the first ``limit``)."""
+    with path.open(encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return rows if limit is None else rows[:limit]

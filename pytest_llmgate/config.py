@@ -26,12 +26,12 @@ BACKENDS = ("transformers", "vptq")
 TRANSFORM_METHODS = ("rtn", "vptq")
 
 
-class ConfigError(pytest.UsageError):
-    """A configuration mistake; pytest reports it and exits 4."""
+# A configuration mistake: pytest reports a UsageError and exits 4 (UsageError is final: no subclass).
+ConfigError = pytest.UsageError
 
 
-def _fail(where: str, message: str) -> ConfigError:
-    return ConfigError(f"llmgate config: {where}: {message}")
+def _fail(where: str, message: str) -> pytest.UsageError:
+    return pytest.UsageError(f"llmgate config: {where}: {message}")
 
 
 def _check_keys(table: Mapping[str, Any], known: Iterable[str], where: str) -> None:
@@ -551,7 +551,7 @@ def parse_config(
     for index, stage_raw in enumerate(raw.get("stages", []) if isinstance(raw.get("stages", []), list)
                                       else _bad_stages()):
         name = _table(stage_raw, f"[[tool.llmgate.stages]] #{index + 1}").get("name")
-        if name in preset_stages:
+        if isinstance(name, str) and name in preset_stages:
             spec = _stage_spec(stage_raw, index, preset_stages[name])
             stages[[s.name for s in stages].index(name)] = spec
         else:

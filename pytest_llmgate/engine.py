@@ -42,6 +42,7 @@ class Engine:
     cache: ResultCache | None
     work_dir: Path
     worker_index: int | None = None
+    cpu_threads: int | None = None  # under xdist: the cores divided among the workers
     shards: dict[str, list[tuple[TaskItem, str]]] = field(default_factory=dict)
     loads: Counter[str] = field(default_factory=Counter)
     evaluated: Counter[str] = field(default_factory=Counter)
@@ -71,6 +72,11 @@ class Engine:
             spec = self.roles[role]
             # A backend of the user's own picks its device itself; ours pin one per xdist worker.
             device = spec.device if ":" in spec.backend else pick_device(spec.device, self.worker_index)
+            if device == "cpu" and self.cpu_threads and ":" not in spec.backend:
+                # Two workers each running torch on every core slow each other down many times over.
+                import torch
+
+                torch.set_num_threads(self.cpu_threads)
             self._backends[fingerprint] = load_backend(
                 spec, device=device, work_dir=self.work_dir, fingerprint=fingerprint)
             self.loads[spec.name] += 1

@@ -7,6 +7,7 @@ Heavy imports (torch, transformers) happen inside the engine, never at import ti
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
         worker_index = int(state.worker[2:]) if state.worker.startswith("gw") else None
         cache = ResultCache(gate.cache_path) if gate.cache_path is not None else None
-        state.engine = Engine(roles=roles, cache=cache, work_dir=state.work_dir, worker_index=worker_index)
+        threads = max(1, (os.cpu_count() or 1) // int(workerinput["workercount"])) if workerinput else None
+        state.engine = Engine(roles=roles, cache=cache, work_dir=state.work_dir, worker_index=worker_index,
+                              cpu_threads=threads)
         if workerinput is None:
             config.pluginmanager.register(GateController(config, state), "llmgate-controller")
         if config.pluginmanager.hasplugin("xdist") and workerinput is None:

@@ -1,0 +1,112 @@
+"""Gate rules, critical rules, the ladder decision and exit codes, on hand-made statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pytest_llmgate.config import parse_config
+from pytest_llmgate.gate import decide_run, evaluate_stage
+from pytest_llmgate.stats import TaskStats
+from pytest_llmgate.tasks import TASKS
+
+
+def config(**raw):
+    base = {"models": {"ref": {}, "a": {}, "b": {}}, "baseline": "ref"}
+    return parse_config({**base, **raw}, source=None, known_tasks=TASKS, rootpath=Path("/tmp"))
+
+
+def stats(task, base, **roles):
+    scores = {"baseline": base, **roles}
+    return TaskStats(task=task, metric="acc_norm", n=100, scores=scores, chance=0.25,
+                     wlt={r: (1, 2, 97) for r in roles})
+
+
+def test_retention_floor_passes_and_breaches():
+    cfg = config(stages=[{"name": "s", "model": "a", "min_retention": 0.95}])
+    ok = evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.50, s=0.48)})
+    assert ok.verdict == "pass" and ok.exit_code == 0
+    assert ok.tasks["hellaswag"].retention == 0.48 / 0.50
+    bad = evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.50, s=0.47)})
+    assert bad.verdict == "breach" and bad.exit_code == 10
+    [rule] = [r for r in bad.rules if not r.passed]
+    assert rule.rule == "hellaswag: retention >= 0.95" and "0.940" in rule.detail
+
+
+def test_critical_floor_beats_breach():
+    cfg = config(stages=[{"name": "s", "model": "a", "min_retention": 0.95}],
+                 critical=[{"rule": "retention_floor", "floor": 0.8}])
+    result = evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.50, s=0.39)})
+    assert result.verdict == "critical" and result.exit_code == 11
+    assert any(r.critical and not r.passed and "hellaswag retention 0.780" in r.detail for r in result.rules)
+    assert result.recommendations  # a failed stage gets advice
+
+
+def test_combined_drop_over_a_set_of_tasks():
+    cfg = config(stages=[{"name": "s", "model": "a"}],
+                 critical=[{"rule": "combined_drop", "tasks": ["hellaswag", "arc_challenge"], "max_drop": 0.2}])
+    within = {"hellaswag": stats("hellaswag", 0.5, s=0.45), "arc_challenge": stats("arc_challenge", 0.5, s=0.40)}
+    assert evaluate_stage(cfg, cfg.stages[0], within).verdict == "pass"  # drop (1.0 - 0.85) / 1.0 = 15%
+    beyond = {"hellaswag": stats("hellaswag", 0.5, s=0.40), "arc_challenge": stats("arc_challenge", 0.5, s=0.38)}
+    result = evaluate_stage(cfg, cfg.stages[0], beyond)
+    assert result.verdict == "critical"
+    assert any("combined drop 22.0%" in r.detail for r in result.rules)
+
+
+def test_combined_drop_is_skipped_not_passed_silently_when_its_tasks_are_absent():
+    cfg = config(stages=[{"name": "s", "model": "a"}],
+                 critical=[{"rule": "combined_drop", "tasks": ["arc_challenge"], "max_drop": 0.2}])
+    result = evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.5, s=0.1)})
+    [rule] = result.rules
+    assert rule.skipped and "not evaluated" in rule.detail
+
+
+def test_absolute_floor_and_band():
+    cfg = config(stages=[{"name": "s", "model": "a", "min_score": 0.4, "score_band": [0.40, 0.48]}])
+    assert evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.5, s=0.45)}).verdict == "pass"
+    low = evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.5, s=0.39)})
+    assert [r.rule for r in low.rules if not r.passed] == [
+        "hellaswag: score >= 0.40", "hellaswag: score within [0.40, 0.48]"]
+    high = evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.5, s=0.49)})
+    assert [r.rule for r in high.rules if not r.passed] == ["hellaswag: score within [0.40, 0.48]"]
+
+
+def test_step_retention_compares_with_the_previous_stage():
+    cfg = config(stages=[{"name": "one", "model": "a", "min_retention": 0.5},
+                         {"name": "two", "model": "b", "min_retention": 0.5, "min_step_retention": 0.9}])
+    st = {"hellaswag": stats("hellaswag", 0.50, one=0.45, two=0.40)}
+    result = evaluate_stage(cfg, cfg.stages[1], st)
+    assert result.verdict == "breach" and result.tasks["hellaswag"].step_retention == 0.40 / 0.45
+    assert any(r.rule == "hellaswag: step retention vs one >= 0.90" and not r.passed for r in result.rules)
+
+
+def test_a_baseline_at_chance_makes_retention_uninformative():
+    cfg = config(stages=[{"name": "s", "model": "a", "min_retention": 0.95}],
+                 critical=[{"rule": "retention_floor", "floor": 0.8}])
+    result = evaluate_stage(cfg, cfg.stages[0], {"arc_challenge": stats("arc_challenge", 0.26, s=0.20)})
+    assert result.verdict == "pass" and not result.tasks["arc_challenge"].informative
+    assert all(r.skipped for r in result.rules) and "chance" in result.rules[0].detail
+
+
+def test_ladder_picks_the_most_compressed_passing_stage():
+    cfg = config(stages=[{"name": "one", "model": "a", "min_retention": 0.9},
+                         {"name": "two", "model": "b", "min_retention": 0.9}],
+                 critical=[{"rule": "retention_floor", "floor": 0.8}])
+    both = decide_run(cfg, "all", {"hellaswag": stats("hellaswag", 0.5, one=0.49, two=0.46)})
+    assert (both.selected, both.exit_code, both.verdict) == ("two", 0, "pass")
+    fallback = decide_run(cfg, "all", {"hellaswag": stats("hellaswag", 0.5, one=0.49, two=0.3)})
+    assert (fallback.selected, fallback.exit_code) == ("one", 0)
+    none = decide_run(cfg, "all", {"hellaswag": stats("hellaswag", 0.5, one=0.44, two=0.3)})
+    assert (none.selected, none.exit_code, none.verdict) == (None, 10, "breach")
+    worst = decide_run(cfg, "all", {"hellaswag": stats("hellaswag", 0.5, one=0.3, two=0.3)})
+    assert (worst.exit_code, worst.verdict) == (11, "critical")
+    assert decide_run(cfg, "baseline", {}).verdict == "baseline-recorded"
+
+
+def test_recommendation_rules_match_bits_and_mean_retention():
+    cfg = config(stages=[{"name": "q2", "model": "a", "bits": 2, "min_retention": 0.95}],
+                 recommendations=[{"message": "try 3 bits", "max_bits": 2, "below_mean_retention": 0.9},
+                                  {"message": "only on critical", "on": "critical"}])
+    result = evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.5, q2=0.44)})
+    assert result.verdict == "breach" and list(result.recommendations) == ["try 3 bits"]
+    mild = evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.5, q2=0.46)})
+    assert mild.verdict == "breach" and list(mild.recommendations) == []
