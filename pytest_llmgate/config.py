@@ -118,7 +118,7 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
     if not isinstance(path, str) or not path:
         raise _fail(f"{where}.path", "expected a local path, a hub id or " + repr(BUILTIN_SMOLLM2))
     # Relative local paths are relative to the config file, like every other path in it.
-    if not path.startswith("builtin:") and (path.startswith(".") or os.sep in path and (base / path).exists()):
+    if not path.startswith("builtin:") and (path.startswith(".") or (os.sep in path and (base / path).exists())):
         path = str((base / path).resolve())
     dtype = raw.get("dtype", "float32")
     if dtype not in DTYPES:

@@ -181,7 +181,7 @@ def split_nodeid(nodeid: str) -> tuple[str, str] | None:
     if not nodeid.endswith("]") or "[" not in nodeid:
         return None
     base, _, param = nodeid[:-1].partition("[")
-    group, sep, index = param.rpartition("-")
+    _, sep, index = param.rpartition("-")
     if not sep or not index.isdigit():
         return None
     return base, param

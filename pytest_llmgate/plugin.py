@@ -15,7 +15,11 @@ from typing import Any
 import pytest
 
 from .config import (
-    ConfigError, GateConfig, ModelSpec, apply_overrides, find_config_file,
+    ConfigError,
+    GateConfig,
+    ModelSpec,
+    apply_overrides,
+    find_config_file,
     parse_config,
 )
 from .engine import Engine, ShardError, shard_of
@@ -180,9 +184,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     state = metafunc.config.stash[STATE]
     gate = state.gate
     if gate.tasks and task_name not in gate.tasks:
-        metafunc.parametrize("llmgate_item", [pytest.param(
-            None, id=f"{task_name}-not-selected",
-            marks=pytest.mark.skip(reason=f"task {task_name} is not in the configured tasks ({', '.join(gate.tasks)})"))])
+        reason = f"task {task_name} is not in the configured tasks ({', '.join(gate.tasks)})"
+        metafunc.parametrize("llmgate_item", [
+            pytest.param(None, id=f"{task_name}-not-selected", marks=pytest.mark.skip(reason=reason))])
         return
     settings = gate.task_settings.get(task_name)
     limit = metafunc.config.getoption("llmgate_limit") or (settings.limit if settings else None) or gate.limit

@@ -42,7 +42,7 @@ class SkillBackend:
 
     def loglikelihood(self, requests: Sequence) -> list[tuple[float, bool]]:
         """Deterministic per (weights, context, continuation), independent of batching and order."""
-        crash_model, crash_count, crash_flag = (os.environ.get(CRASH_ENV, "").split(":") + ["", ""])[:3]
+        crash_model, crash_count, crash_flag = [*os.environ.get(CRASH_ENV, "").split(":"), "", ""][:3]
         crash_after = int(crash_count) if crash_model == self.name else None
         fail_on = self.weights.get("fail_on")
         out = []

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from pytest_llmgate.config import (
-    BUILTIN_SMOLLM2, PRESETS, Thresholds, apply_overrides, find_config_file, parse_config,
+    BUILTIN_SMOLLM2,
+    PRESETS,
+    Thresholds,
+    apply_overrides,
+    find_config_file,
+    parse_config,
 )
 from pytest_llmgate.tasks import TASKS
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from gateproject import make_project
 
 
@@ -131,7 +130,8 @@ def test_k_m_x_lf_and_junitxml_behave_as_usual(project):
     # The model fails on item 5 only: the rest of its shard still passes, -x stops at the error.
     outcomes = failing.parseoutcomes()
     assert outcomes["errors"] == 1 and outcomes.get("passed", 0) + outcomes.get("regressed", 0) == 5
-    failing.stdout.fnmatch_lines(["*llmgate harness error: model *good* failed on arc_challenge test-5*simulated model failure*"])
+    failing.stdout.fnmatch_lines(
+        ["*llmgate harness error: model *good* failed on arc_challenge test-5*simulated model failure*"])
     lf = project.run("--stage=mild", "--lf", "--collect-only", "-q")
     lf.stdout.fnmatch_lines(["test_bench.py::test_arc[[]test-5[]]", "*1 test collected*"])
 
@@ -167,7 +167,10 @@ def test_changed_weights_miss_the_cache(project):
 
 def test_broken_config_exits_4_naming_the_key(project):
     text = project.path.joinpath("pyproject.toml").read_text()
-    project.config(text.replace("min_retention = 0.90\n\n[[tool.llmgate.stages]]", "min_retension = 0.90\n\n[[tool.llmgate.stages]]"))
+    typo = text.replace("min_retention = 0.90\n\n[[tool.llmgate.stages]]",
+                        "min_retension = 0.90\n\n[[tool.llmgate.stages]]")
+    assert typo != text
+    project.config(typo)
     result = project.run("--stage=mild")
     assert result.ret == 4
     result.stderr.fnmatch_lines(["*stage 'mild'.min_retension: unknown key; did you mean 'min_retention'?*"])

@@ -63,7 +63,7 @@ def test_a_bad_row_becomes_an_item_carrying_the_error():
 
 
 def test_limit_takes_the_first_rows_and_content_hash_tracks_the_data(tmp_path, shared_datasets):
-    items, version = TASKS["hellaswag"].load(shared_datasets, limit=5)
+    items, _ = TASKS["hellaswag"].load(shared_datasets, limit=5)
     assert [i.doc_id for i in items] == [0, 1, 2, 3, 4]
     rows = read_jsonl(shared_datasets / "arc_challenge" / "test.jsonl", 10)
     write_jsonl(tmp_path / "a" / "arc_challenge" / "test.jsonl", rows)

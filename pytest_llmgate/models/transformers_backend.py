@@ -54,6 +54,12 @@ class TransformersBackend:
             else:
                 model = transformers.AutoModelForCausalLM.from_pretrained(
                     str(folder), dtype=_torch_dtype(spec.dtype), **kwargs)
+            if gguf_file:
+                # GGUF weights are dequantized on load: the model is dense, not "quantized" any more,
+                # and transforms (.float(), save_pretrained) must be allowed on it.
+                model.hf_quantizer = None
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
         except ModelLoadError:
             raise
         except Exception as error:
@@ -84,12 +90,18 @@ class TransformersBackend:
             log.info("building VPTQ checkpoint for %s in %s", self.spec.name, checkpoint_dir)
             vector_len = int(transform.get("vector_len", 4))
             quantize.build_vptq_checkpoint(
-                model.float(), checkpoint_dir, vector_len=vector_len,
+                model if model.dtype == self._torch_float32() else model.float(), checkpoint_dir, vector_len=vector_len,
                 num_centroids=2 ** (int(transform["bits"]) * vector_len),
                 kmeans_iters=int(transform.get("kmeans_iters", 20)), seed=int(transform.get("seed", 0)),
             )
         del model
         return quantize.load_vptq_model(checkpoint_dir, device="cpu")
+
+    @staticmethod
+    def _torch_float32() -> Any:
+        import torch
+
+        return torch.float32
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -89,7 +89,7 @@ def build_report(
         report["items"].append({
             "task": outcome["task"], "doc_id": outcome["doc_id"], "id": outcome["id"],
             "metric": outcome["metric"], "gold": outcome["gold"], "chance": outcome["chance"],
-            "status": outcome["status"],
+            "status": outcome["status"], "worker": outcome["worker"],
             "baseline": sides.get(BASELINE_STAGE),
             "candidate": sides.get(candidate_role) if candidate_role else None,
             "stages": {role: side for role, side in sides.items() if role != BASELINE_STAGE},

@@ -63,6 +63,13 @@ def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: 
                 out.append((f"  skipped {rule.rule}: {rule.detail}", {"yellow": True}))
         for advice in verdict.recommendations:
             out.append((f"  recommendation: {advice}", {"yellow": True}))
+    if harness_errors or not stats:
+        out.append(("", {}))
+        why = (f"{harness_errors} item(s) hit harness errors" if harness_errors else
+               "no benchmark item produced an outcome")
+        out.append((f"llmgate: INCOMPLETE - {why}; the figures above cover only the items that ran "
+                    f"and the gate is not applied (exit {exit_code})", {"red": True, "bold": True}))
+        return out
     if decision.stage != BASELINE_STAGE:
         out.append(("", {}))
         if decision.stage == "all":
@@ -73,7 +80,4 @@ def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: 
             headline = f"llmgate: stage '{decision.stage}' {decision.verdict.upper()}"
         good = decision.verdict == "pass"
         out.append((f"{headline} (exit {exit_code})", {"green": good, "red": not good, "bold": True}))
-    if harness_errors:
-        out.append((f"llmgate: {harness_errors} item(s) hit harness errors; the verdict covers only the "
-                    "items that ran and does not gate (pytest's exit code stands)", {"red": True}))
     return out
