@@ -95,7 +95,7 @@ def test_one_changed_weight_changes_the_fingerprint(tmp_path):
 def test_one_changed_weight_misses_the_cache_end_to_end(pytester, tmp_path):
     """A real transformers model (tiny, random) with SmolLM2's tokenizer, through the whole plugin."""
     folder = _tiny_llama(tmp_path / "tiny")
-    pytester.makepyproject(f"""
+    pytester.makefile(".toml", pyproject=f"""
 [tool.llmgate]
 baseline = "tiny"
 tasks = ["arc_challenge"]

@@ -29,37 +29,64 @@ def _torch_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, _DTYPES[name])
 
 
+# Every stage of a ladder usually starts from the same weights: read them (and the tokenizer) once
+# per process and hand each backend its own copy, instead of parsing the files again.
+_PRISTINE: dict[tuple[str, str | None, str, str | None], Any] = {}
+_TOKENIZERS: dict[tuple[str, str | None], Any] = {}
+
+
+def _tokenizer(folder: Path, gguf_file: str | None) -> Any:
+    import transformers
+
+    key = (str(folder), gguf_file)
+    if key not in _TOKENIZERS:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        _TOKENIZERS[key] = transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    return _TOKENIZERS[key]
+
+
+def _pretrained(folder: Path, gguf_file: str | None, dtype: str, revision: str | None) -> Any:
+    import copy
+
+    import transformers
+
+    key = (str(folder), gguf_file, dtype, revision)
+    if key not in _PRISTINE:
+        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        if revision:
+            kwargs["revision"] = revision
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=_torch_dtype(dtype), **kwargs)
+        if gguf_file:
+            # GGUF weights are dequantized on load: the model is dense, not "quantized" any more,
+            # and transforms (.float(), save_pretrained) must be allowed on it.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        _PRISTINE[key] = model
+    return copy.deepcopy(_PRISTINE[key])
+
+
 class TransformersBackend:
     """A causal LM from transformers (local folder, GGUF file or hub id), optionally transformed."""
 
     def __init__(self, spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str) -> None:
         import torch
-        import transformers
 
+        self._torch = torch
         self.spec = spec
         self.device = device
         folder, gguf_file = resolve_local(spec)
-        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-        if spec.revision and not Path(spec.path).exists():
-            kwargs["revision"] = spec.revision
+        revision = spec.revision if spec.revision and not Path(spec.path).exists() else None
         try:
             tokenizer_source = resolve_local(
                 ModelSpec(name=spec.name, path=spec.tokenizer)) if spec.tokenizer else (folder, gguf_file)
-            tok_kwargs = {"gguf_file": tokenizer_source[1]} if tokenizer_source[1] else {}
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_source[0]), **tok_kwargs)
+            self.tokenizer = _tokenizer(*tokenizer_source)
             if spec.backend == "vptq":
                 from .quantize import load_vptq_model
 
                 model = load_vptq_model(folder, device="cpu" if device == "cpu" else device)
             else:
-                model = transformers.AutoModelForCausalLM.from_pretrained(
-                    str(folder), dtype=_torch_dtype(spec.dtype), **kwargs)
-            if gguf_file:
-                # GGUF weights are dequantized on load: the model is dense, not "quantized" any more,
-                # and transforms (.float(), save_pretrained) must be allowed on it.
-                model.hf_quantizer = None
-                if hasattr(model.config, "quantization_config"):
-                    del model.config.quantization_config
+                model = _pretrained(folder, gguf_file, spec.dtype, revision)
         except ModelLoadError:
             raise
         except Exception as error:
@@ -74,7 +101,6 @@ class TransformersBackend:
              if getattr(config, a, None)), 2048)
         self.prefix_token_id = (
             self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id)
-        self._torch = torch
 
     def _apply_transform(self, model: Any, checkpoint_dir: Path) -> Any:
         transform = self.spec.transform
@@ -90,18 +116,12 @@ class TransformersBackend:
             log.info("building VPTQ checkpoint for %s in %s", self.spec.name, checkpoint_dir)
             vector_len = int(transform.get("vector_len", 4))
             quantize.build_vptq_checkpoint(
-                model if model.dtype == self._torch_float32() else model.float(), checkpoint_dir, vector_len=vector_len,
+                model if model.dtype == self._torch.float32 else model.float(), checkpoint_dir, vector_len=vector_len,
                 num_centroids=2 ** (int(transform["bits"]) * vector_len),
                 kmeans_iters=int(transform.get("kmeans_iters", 20)), seed=int(transform.get("seed", 0)),
             )
         del model
         return quantize.load_vptq_model(checkpoint_dir, device="cpu")
-
-    @staticmethod
-    def _torch_float32() -> Any:
-        import torch
-
-        return torch.float32
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -165,7 +185,8 @@ class TransformersBackend:
         return results
 
     def close(self) -> None:
-        """Drop the model and free accelerator memory."""
+        """Drop the model (and the process's pristine copies) and free accelerator memory."""
         del self.model
+        _PRISTINE.clear()
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
