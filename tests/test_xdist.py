@@ -85,3 +85,25 @@ def test_a_crashed_worker_loses_no_finished_shard(project, monkeypatch, tmp_path
     models = project.report()["models"]
     # Every shard finished before or after the crash was stored: nothing is evaluated twice.
     assert models["mild"]["evaluated"] == 0 and models["baseline"]["evaluated"] == 0
+
+
+def test_shard_size_does_not_change_any_item(project):
+    small = project.run("--stage=mild", "--llmgate-no-cache", "--llmgate-set", "shard_size=3",
+                        "--llmgate-report=small.json")
+    large = project.run("--stage=mild", "--llmgate-no-cache", "--llmgate-set", "shard_size=40",
+                        "--llmgate-report=large.json")
+    assert small.ret == large.ret == 0
+    assert _sides(project.report("small.json")) == _sides(project.report("large.json"))
+
+
+def test_each_xdist_worker_gets_its_own_gpu(monkeypatch):
+    import torch
+
+    from pytest_llmgate.models import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [pick_device("auto", worker) for worker in (0, 1, 5, None)] == ["cuda:0", "cuda:1", "cuda:1", "cuda:0"]
+    assert pick_device("cuda:3", 0) == "cuda:3" and pick_device("cpu", 2) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto", 1) == "cpu"
