@@ -7,7 +7,6 @@ items. It never decides pass or fail.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,8 +44,6 @@ class Engine:
     cpu_threads: int | None = None  # under xdist: the cores divided among the workers
     shards: dict[str, list[tuple[TaskItem, str]]] = field(default_factory=dict)
     loads: Counter[str] = field(default_factory=Counter)
-    evaluated: Counter[str] = field(default_factory=Counter)
-    seconds: Counter[str] = field(default_factory=Counter)
     _fingerprints: dict[str, str] = field(default_factory=dict)
     _backends: dict[str, Backend] = field(default_factory=dict)
     _memo: dict[tuple[str, str], SideResult] = field(default_factory=dict)
@@ -96,7 +93,7 @@ class Engine:
         fingerprint = self.fingerprint(role)
         members = [(i, v) for i, v in self.shards.get(shard, []) if i.error is None]
         if not any(i is item for i, _ in members):
-            members = [(item, version) for i, version in self.shards.get(shard, []) if i is item] or members
+            raise ShardError(f"{item.task} {item.item_id} was not registered in shard {shard}")
         todo = [(i, v) for i, v in members if (fingerprint, f"{i.task}/{i.item_id}") not in self._memo]
         keys = {
             f"{i.task}/{i.item_id}": result_key(
@@ -140,9 +137,7 @@ class Engine:
     def _evaluate(self, role: str, backend: Backend, missing: list[tuple[TaskItem, str, str]]) -> None:
         fingerprint = self.fingerprint(role)
         requests = [request for item, _, _ in missing for request in item.requests]
-        started = time.perf_counter()
         outputs = backend.loglikelihood(requests)
-        self.seconds[self.roles[role].name] += time.perf_counter() - started
         if len(outputs) != len(requests):
             raise ShardError(f"backend returned {len(outputs)} results for {len(requests)} requests")
         rows = []
@@ -152,7 +147,6 @@ class Engine:
             offset += len(item.requests)
             self._memo[(fingerprint, f"{item.task}/{item.item_id}")] = SideResult(values, cached=False)
             rows.append((key, fingerprint, version, values))
-        self.evaluated[self.roles[role].name] += len(missing)
         # One transaction per batch: a crash later loses nothing already stored.
         if self.cache is not None:
             self.cache.put_many(rows)
