@@ -60,7 +60,7 @@ class StageVerdict:
 
 
 def is_informative(stats: TaskStats, margin: float) -> bool:
-    """False when the baseline is within ``margin`` of chance: retention there measures noise."""
+    """False unless the baseline beats chance by more than ``margin``: below that, retention measures noise."""
     base = stats.scores.get(BASELINE_STAGE)
     return base is not None and base > stats.chance + margin
 
@@ -83,8 +83,8 @@ def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, Tas
         retention = st.retention(stage.name)
         informative = is_informative(st, config.chance_margin) and retention is not None
         task_rules: list[RuleResult] = []
-        why_not = (f"uninformative: baseline {base:.3f} is within {config.chance_margin:.2f} of chance "
-                   f"({st.chance:.3f}); retention there measures noise, not compression")
+        why_not = (f"uninformative: baseline {base:.3f} is not above chance ({st.chance:.3f}) by more than "
+                   f"{config.chance_margin:.2f}; retention there measures noise, not compression")
         if thresholds.min_retention is not None:
             if informative:
                 ok = retention is not None and retention >= thresholds.min_retention

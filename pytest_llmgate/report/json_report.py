@@ -65,7 +65,7 @@ def build_report(
     """The report as a dict of builtin types."""
     main = decision.main
     candidate_role = main.stage if main is not None else None
-    note = f"baseline within {chance_margin:.2f} of chance: retention is uninformative and does not gate"
+    note = f"baseline not above chance by more than {chance_margin:.2f}: retention is uninformative and does not gate"
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "stage": decision.stage,
