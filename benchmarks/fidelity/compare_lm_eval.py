@@ -61,6 +61,18 @@ LM_EVAL_TASKS: dict[str, tuple[str, dict[str, str]]] = {
         "hellaswag/hellaswag.yaml",
         {"validation_split": "hellaswag/validation.jsonl"},
     ),
+    "winogrande": (
+        "winogrande/default.yaml",
+        {"validation_split": "winogrande/validation.jsonl"},
+    ),
+    "truthfulqa_mc1": (
+        "truthfulqa/truthfulqa_mc1.yaml",
+        {"validation_split": "truthfulqa/mc.jsonl"},
+    ),
+    "truthfulqa_mc2": (
+        "truthfulqa/truthfulqa_mc2.yaml",
+        {"validation_split": "truthfulqa/mc.jsonl"},
+    ),
 }
 SPLIT_KEYS = ("training_split", "validation_split", "test_split")
 SPLIT_NAMES = {"training_split": "train", "validation_split": "validation", "test_split": "test"}
@@ -150,14 +162,13 @@ def prepare(out: Path, tasks: Sequence[str], data_dir: Path, limit: int) -> None
 class ItemRecord:
     """One item as one side scored it."""
 
-    context: str
+    contexts: tuple[str, ...]
     continuations: tuple[str, ...]
-    gold: int
+    gold: int  # -1 when lm-eval logs a target that is not a choice index (WinoGrande logs the suffix)
     loglikelihoods: tuple[float, ...]
     prediction: int
-    prediction_norm: int
-    acc: float
-    acc_norm: float
+    prediction_norm: int | None  # only for tasks that report acc_norm
+    metrics: dict[str, float]
 
 
 def argmax(values: Sequence[float]) -> int:
@@ -194,15 +205,15 @@ def read_lm_eval(path: Path) -> dict[int, ItemRecord]:
             arguments = list(sample["arguments"].values())
             continuations = tuple(a["arg_1"] for a in arguments)
             lls = tuple(float(resp[0]) for resp in sample["filtered_resps"])
+            target = str(sample["target"])
             records[int(sample["doc_id"])] = ItemRecord(
-                context=arguments[0]["arg_0"],
+                contexts=tuple(a["arg_0"] for a in arguments),
                 continuations=continuations,
-                gold=int(sample["target"]),
+                gold=int(target) if target.isdigit() else -1,
                 loglikelihoods=lls,
                 prediction=argmax(lls),
-                prediction_norm=argmax(per_character(lls, continuations)),
-                acc=float(sample["acc"]),
-                acc_norm=float(sample["acc_norm"]),
+                prediction_norm=argmax(per_character(lls, continuations)) if "acc_norm" in sample else None,
+                metrics={m: float(sample[m]) for m in ("acc", "acc_norm") if m in sample},
             )
     return records
 
@@ -232,14 +243,13 @@ def score_ours(tasks: Sequence[str], data_dir: Path, limit: int) -> tuple[dict[s
             scored = TASKS[task].score(item, results[offset:offset + len(item.requests)])
             offset += len(item.requests)
             records[task][item.doc_id] = ItemRecord(
-                context=item.requests[0].context,
+                contexts=tuple(r.context for r in item.requests),
                 continuations=tuple(r.continuation for r in item.requests),
                 gold=item.gold,
                 loglikelihoods=tuple(scored["loglikelihoods"]),
                 prediction=scored["prediction"],
-                prediction_norm=scored["prediction_norm"],
-                acc=scored["scores"]["acc"],
-                acc_norm=scored["scores"]["acc_norm"],
+                prediction_norm=scored["prediction_norm"] if "acc_norm" in scored["scores"] else None,
+                metrics=dict(scored["scores"]),
             )
     return records, seconds
 
@@ -249,45 +259,49 @@ def compare_task(task: str, theirs: dict[int, ItemRecord], ours: dict[int, ItemR
     doc_ids = sorted(theirs.keys() & ours.keys())
     only = sorted(theirs.keys() ^ ours.keys())
     n = len(doc_ids)
-    same_prompt = sum(theirs[d].context == ours[d].context and theirs[d].continuations == ours[d].continuations
+    same_prompt = sum(theirs[d].contexts == ours[d].contexts and theirs[d].continuations == ours[d].continuations
                       for d in doc_ids)
-    same_gold = sum(theirs[d].gold == ours[d].gold for d in doc_ids)
+    with_gold = [d for d in doc_ids if theirs[d].gold >= 0]
+    same_gold = sum(theirs[d].gold == ours[d].gold for d in with_gold)
     # lm-eval does not log its predictions; recompute them from its log-likelihoods as it does.
     same_acc = sum(theirs[d].prediction == ours[d].prediction for d in doc_ids)
-    same_norm = sum(theirs[d].prediction_norm == ours[d].prediction_norm for d in doc_ids)
+    normed = [d for d in doc_ids if theirs[d].prediction_norm is not None]
+    same_norm = sum(theirs[d].prediction_norm == ours[d].prediction_norm for d in normed)
     diffs = {d: max(abs(a - b) for a, b in zip(theirs[d].loglikelihoods, ours[d].loglikelihoods, strict=True))
              for d in doc_ids}
     ties_acc = sum(top_two_gap(theirs[d].loglikelihoods) < NEAR_TIE for d in doc_ids)
     ties_norm = sum(top_two_gap(per_character(theirs[d].loglikelihoods, theirs[d].continuations)) < NEAR_TIE
-                    for d in doc_ids)
-    # Their logged per-item metrics must equal the predictions recomputed from their log-likelihoods.
-    logged_consistent = sum(theirs[d].acc == float(theirs[d].prediction == theirs[d].gold)
-                            and theirs[d].acc_norm == float(theirs[d].prediction_norm == theirs[d].gold)
-                            for d in doc_ids)
+                    for d in normed)
+    metric_names = sorted({m for d in doc_ids for m in theirs[d].metrics})
+    # Per-item metric values as each side computed them (continuous for TruthfulQA MC2).
+    metric_diff = {m: max((abs(theirs[d].metrics[m] - ours[d].metrics.get(m, float("nan"))) for d in doc_ids),
+                          default=0.0) for m in metric_names}
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values) if values else float("nan")
 
     rows = [
         ("items compared", f"{n}" + (f" ({len(only)} doc_ids on one side only: {only[:10]})" if only else "")),
-        ("identical prompts (context + continuations)", f"{same_prompt}/{n}"),
-        ("identical gold index", f"{same_gold}/{n}"),
-        ("identical acc predictions", f"{same_acc}/{n}"),
-        ("identical acc_norm predictions", f"{same_norm}/{n}"),
+        ("identical prompts (contexts + continuations)", f"{same_prompt}/{n}"),
+        ("identical gold index", f"{same_gold}/{len(with_gold)}" if with_gold else "n/a (lm-eval logs no index)"),
+        ("identical acc predictions (argmax)", f"{same_acc}/{n}"),
+        ("identical acc_norm predictions", f"{same_norm}/{len(normed)}" if normed else "n/a"),
         ("max |loglikelihood diff| over all choices", f"{max(diffs.values(), default=0.0):.3g}"),
         (f"near-ties (top-two gap < {NEAR_TIE:g}), acc / acc_norm", f"{ties_acc} / {ties_norm}"),
-        ("lm-eval logged acc/acc_norm = recomputed", f"{logged_consistent}/{n}"),
-        ("acc      lm-eval / ours", f"{mean([theirs[d].acc for d in doc_ids]):.4f} / "
-                                     f"{mean([ours[d].acc for d in doc_ids]):.4f}"),
-        ("acc_norm lm-eval / ours", f"{mean([theirs[d].acc_norm for d in doc_ids]):.4f} / "
-                                     f"{mean([ours[d].acc_norm for d in doc_ids]):.4f}"),
     ]
+    for m in metric_names:
+        rows.append((f"{m:<8} lm-eval / ours (max per-item |diff|)",
+                     f"{mean([theirs[d].metrics[m] for d in doc_ids]):.4f} / "
+                     f"{mean([ours[d].metrics.get(m, float('nan')) for d in doc_ids]):.4f} ({metric_diff[m]:.2g})"))
     print(f"\n{task}")
     for label, value in rows:
         print(f"  {label:<52} {value}")
     bad = [d for d in doc_ids if diffs[d] > tolerance or theirs[d].prediction != ours[d].prediction
-           or theirs[d].prediction_norm != ours[d].prediction_norm or theirs[d].gold != ours[d].gold
-           or theirs[d].context != ours[d].context or theirs[d].continuations != ours[d].continuations]
+           or theirs[d].prediction_norm != ours[d].prediction_norm
+           or (theirs[d].gold >= 0 and theirs[d].gold != ours[d].gold)
+           or any(abs(theirs[d].metrics[m] - ours[d].metrics.get(m, float("nan"))) > tolerance
+                  or ours[d].metrics.get(m) is None for m in theirs[d].metrics)
+           or theirs[d].contexts != ours[d].contexts or theirs[d].continuations != ours[d].continuations]
     for d in bad:
         print(f"  DISAGREES doc_id {d}: lm-eval {list(theirs[d].loglikelihoods)} gold {theirs[d].gold}; "
               f"ours {list(ours[d].loglikelihoods)} gold {ours[d].gold}")

@@ -91,8 +91,11 @@ class MultipleChoiceTask:
             return TaskItem(self.name, doc_id, group, (), -1, (),
                             error=f"bad data row {doc_id} of {self.dataset.hub_path}: "
                                   f"{type(error).__name__}: {error}")
-        requests = tuple(LoglikelihoodRequest(context, self.target_delimiter + c) for c in choices)
-        return TaskItem(self.name, doc_id, group, requests, gold, tuple(choices))
+        return TaskItem(self.name, doc_id, group, self.requests_for(context, choices), gold, tuple(choices))
+
+    def requests_for(self, context: str, choices: list[str]) -> tuple[LoglikelihoodRequest, ...]:
+        """One request per choice: the choice, after the target delimiter, continues the context."""
+        return tuple(LoglikelihoodRequest(context, self.target_delimiter + c) for c in choices)
 
     def score(self, item: TaskItem, results: Sequence[Sequence[Any]]) -> dict[str, Any]:
         """Per-side record from per-choice (loglikelihood, is_greedy) pairs: raw values, predictions, scores."""
@@ -111,8 +114,10 @@ class MultipleChoiceTask:
             "prediction": prediction,
             "prediction_norm": prediction_norm,
             "scores": {
-                "acc": 1.0 if prediction == item.gold else 0.0,
-                "acc_norm": 1.0 if prediction_norm == item.gold else 0.0,
+                name: value for name, value in (
+                    ("acc", 1.0 if prediction == item.gold else 0.0),
+                    ("acc_norm", 1.0 if prediction_norm == item.gold else 0.0),
+                ) if name in self.metrics
             },
         }
 

@@ -25,7 +25,7 @@ class DatasetRef:
     hub_name: str | None
     split: str
     folder: str
-
+    local_split: str | None = None  # the file's name in a local folder when it differs from the split
 
 @dataclass(frozen=True)
 class LoadedSplit:
@@ -48,8 +48,9 @@ def content_hash(rows: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> str
 def local_candidates(ref: DatasetRef, data_dir: Path) -> list[Path]:
     """The files that may hold ``ref`` under ``data_dir``, in order of preference."""
     folder = data_dir / ref.folder
-    found = [folder / f"{ref.split}.jsonl", folder / f"{ref.split}.parquet"]
-    found += sorted(folder.glob(f"{ref.split}-*.parquet"))
+    name = ref.local_split or ref.split
+    found = [folder / f"{name}.jsonl", folder / f"{name}.parquet"]
+    found += sorted(folder.glob(f"{name}-*.parquet"))
     return [path for path in found if path.is_file()]
 
 
@@ -93,9 +94,10 @@ def load_split(ref: DatasetRef, data_dir: Path | None) -> LoadedSplit:
             )
         paths = local_candidates(ref, data_dir)
         if not paths:
+            expected = data_dir / ref.folder / f"{ref.local_split or ref.split}.jsonl"
             raise DatasetError(
                 f"no data for split '{ref.split}' of {ref.hub_path}: expected "
-                f"{data_dir / ref.folder / (ref.split + '.jsonl')} (or .parquet) in the hub's schema; "
+                f"{expected} (or .parquet) in the hub's schema; "
                 "add the file, or unset the data dir to load from the Hugging Face hub"
             )
         jsonl = [p for p in paths if p.suffix == ".jsonl"]
