@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 # pytester's inline runs drop modules first imported during a run from sys.modules; importing
-# torch's C extension a second time then crashes the interpreter. Importing it here keeps it loaded.
+# torch's (or numpy's) C extension a second time then fails or crashes the interpreter. Importing
+# them here, before any inline run, keeps them loaded.
+import numpy  # noqa: F401
+import pytest
+import scipy.stats  # noqa: F401
 import torch  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent

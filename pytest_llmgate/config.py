@@ -24,6 +24,7 @@ ALL_STAGES = "all"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("transformers", "vptq")
 TRANSFORM_METHODS = ("rtn", "vptq")
+POLICIES = ("point", "strict", "lenient")
 
 
 # A configuration mistake: pytest reports a UsageError and exits 4 (UsageError is final: no subclass).
@@ -360,6 +361,8 @@ class GateConfig:
     data_dir: Path | None
     cache_path: Path | None
     chance_margin: float
+    policy: str = "point"
+    confidence: float = 0.95
 
     def stage(self, name: str) -> StageSpec:
         """The stage called ``name``, or a UsageError listing the ones that exist."""
@@ -452,7 +455,7 @@ DEFAULT_RECOMMENDATIONS = (
 
 _TOP_KEYS = (
     "preset", "models", "baseline", "stages", "critical", "recommendations", "tasks", "task",
-    "groups", "limit", "seed", "shard_size", "data_dir", "cache", "chance_margin",
+    "groups", "limit", "seed", "shard_size", "data_dir", "cache", "chance_margin", "policy", "confidence",
 )
 
 
@@ -635,7 +638,24 @@ def parse_config(
         data_dir=None if data_dir is None else (base / str(data_dir)).resolve(),
         cache_path=None if cache in (False, "", None) else (base / str(cache)).resolve(),
         chance_margin=_fraction(raw.get("chance_margin", 0.02), "[tool.llmgate].chance_margin"),
+        policy=_policy(raw.get("policy", "point"), "[tool.llmgate].policy"),
+        confidence=_confidence(raw.get("confidence", 0.95)),
     )
+
+
+def _policy(value: Any, where: str) -> str:
+    if value not in POLICIES:
+        raise _fail(where, f"{value!r}: use 'point' (the estimate against the threshold), 'strict' (the "
+                           "interval's lower bound must clear it) or 'lenient' (fail only when the upper "
+                           "bound misses it)")
+    return str(value)
+
+
+def _confidence(value: Any) -> float:
+    level = _fraction(value, "[tool.llmgate].confidence")
+    if not 0.5 <= level < 1.0:
+        raise _fail("[tool.llmgate].confidence", f"{value!r}: use a level such as 0.95 (between 0.5 and 1)")
+    return level
 
 
 def _bad_stages() -> list[Any]:

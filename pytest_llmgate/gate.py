@@ -9,6 +9,9 @@ from . import EXIT_BREACH, EXIT_CRITICAL
 from .config import BASELINE_STAGE, GateConfig, StageSpec
 from .stats import TaskStats, mean
 
+# Bootstrap resamples for the retention interval: enough for stable 95% percentiles, fast on CPU.
+RESAMPLES = 2000
+
 
 @dataclass(frozen=True)
 class RuleResult:
@@ -35,6 +38,54 @@ class TaskVerdict:
     informative: bool
     passed: bool
     wlt: tuple[int, int, int]
+    evidence: RetentionEvidence | None = None
+
+
+@dataclass(frozen=True)
+class RetentionEvidence:
+    """The paired statistics behind a retention decision (baseline and candidate answer the same items)."""
+
+    lo: float | None  # paired-bootstrap interval of the retention
+    hi: float | None
+    confidence: float
+    policy: str
+    resolved: bool | None  # the interval lies on one side of the threshold (None: no threshold)
+    regressed: int
+    improved: int
+    mcnemar_p: float
+    noninferiority_p: float | None  # one-sided H0: retention <= threshold
+    noninferiority_p_holm: float | None = None  # Holm-adjusted across the stage's tasks
+
+
+def retention_evidence(config: GateConfig, st: TaskStats, role: str, threshold: float | None) -> RetentionEvidence:
+    """Interval, McNemar and non-inferiority for ``role`` against the baseline on one task."""
+    from .stats import mcnemar_exact, noninferiority_test, paired_bootstrap_retention
+
+    base, cand = st.items[BASELINE_STAGE], st.items[role]
+    clusters = st.clusters if len(set(st.clusters)) > 1 else None
+    ci = paired_bootstrap_retention(base, cand, threshold=threshold, confidence=config.confidence,
+                                    resamples=RESAMPLES, seed=config.seed, clusters=clusters)
+    mc = mcnemar_exact(base, cand)
+    ni = noninferiority_test(base, cand, threshold, clusters) if threshold is not None else None
+    resolved = None
+    if threshold is not None and ci.lo is not None and ci.hi is not None:
+        resolved = ci.lo >= threshold or ci.hi < threshold
+    return RetentionEvidence(
+        lo=ci.lo, hi=ci.hi, confidence=config.confidence, policy=config.policy, resolved=resolved,
+        regressed=mc.regressed, improved=mc.improved, mcnemar_p=mc.p_value,
+        noninferiority_p=None if ni is None else ni.p_value)
+
+
+def _retention_passes(config: GateConfig, retention: float, evidence: RetentionEvidence | None,
+                      threshold: float) -> bool:
+    """The gate policy's answer: point estimate, or the interval's lower (strict) or upper (lenient) bound."""
+    from .stats import policy_decision
+
+    if evidence is None or evidence.lo is None or evidence.hi is None:
+        return retention >= threshold
+    # A percentile interval can sit just off the point estimate; the policy compares bounds anyway.
+    lo, hi = min(evidence.lo, retention), max(evidence.hi, retention)
+    return policy_decision(retention, lo, hi, threshold, config.policy).passed  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -85,12 +136,19 @@ def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, Tas
         task_rules: list[RuleResult] = []
         why_not = (f"uninformative: baseline {base:.3f} is not above chance ({st.chance:.3f}) by more than "
                    f"{config.chance_margin:.2f}; retention there measures noise, not compression")
+        evidence = None
+        if st.items.get(BASELINE_STAGE) and st.items.get(stage.name):
+            evidence = retention_evidence(config, st, stage.name, thresholds.min_retention)
         if thresholds.min_retention is not None:
-            if informative:
-                ok = retention is not None and retention >= thresholds.min_retention
+            if informative and retention is not None:
+                ok = _retention_passes(config, retention, evidence, thresholds.min_retention)
+                detail = f"retention {retention:.3f} = {score:.3f} / {base:.3f}"
+                if evidence is not None and evidence.lo is not None and evidence.hi is not None:
+                    detail += (f", {evidence.confidence:.0%} CI [{evidence.lo:.3f}, {evidence.hi:.3f}], "
+                               f"policy {evidence.policy}, "
+                               + ("resolved" if evidence.resolved else "UNRESOLVED: more items needed"))
                 task_rules.append(RuleResult(
-                    f"{task}: retention >= {thresholds.min_retention:.2f}", ok,
-                    f"retention {_fmt(retention)} = {score:.3f} / {base:.3f}", task=task))
+                    f"{task}: retention >= {thresholds.min_retention:.2f}", ok, detail, task=task))
             else:
                 task_rules.append(RuleResult(
                     f"{task}: retention >= {thresholds.min_retention:.2f}", True, why_not, task=task, skipped=True))
@@ -118,7 +176,8 @@ def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, Tas
         tasks[task] = TaskVerdict(
             task=task, score=score, baseline=base, retention=retention, step_retention=step,
             threshold=thresholds.min_retention, informative=informative,
-            passed=all(r.passed for r in task_rules), wlt=st.wlt.get(stage.name, (0, 0, 0)))
+            passed=all(r.passed for r in task_rules), wlt=st.wlt.get(stage.name, (0, 0, 0)), evidence=evidence)
+    tasks = _holm_across_tasks(tasks)
     rules.extend(_critical_rules(config, tasks))
     if any(r.critical and not r.passed for r in rules):
         verdict = "critical"
@@ -128,6 +187,21 @@ def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, Tas
         verdict = "pass"
     result = StageVerdict(stage.name, verdict, tasks, tuple(rules))
     return StageVerdict(stage.name, verdict, tasks, tuple(rules), tuple(recommend(config, stage, result)))
+
+
+def _holm_across_tasks(tasks: dict[str, TaskVerdict]) -> dict[str, TaskVerdict]:
+    """Holm-adjust the non-inferiority p-values of a stage's tasks (one family per stage)."""
+    from dataclasses import replace
+
+    from .stats import holm_adjusted
+
+    raw = {name: t.evidence.noninferiority_p for name, t in tasks.items()
+           if t.evidence is not None and t.evidence.noninferiority_p is not None}
+    if not raw:
+        return tasks
+    adjusted = holm_adjusted(raw)  # type: ignore[arg-type]
+    return {name: replace(t, evidence=replace(t.evidence, noninferiority_p_holm=adjusted[name]))
+            if name in adjusted and t.evidence is not None else t for name, t in tasks.items()}
 
 
 def _critical_rules(config: GateConfig, tasks: Mapping[str, TaskVerdict]) -> list[RuleResult]:

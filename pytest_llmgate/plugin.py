@@ -82,6 +82,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="result cache file (default .llmgate/cache.sqlite beside the config)")
     group.addoption("--llmgate-no-cache", dest="llmgate_no_cache", action="store_true",
                     help="neither read nor write the result cache")
+    group.addoption("--llmgate-policy", dest="llmgate_policy", default=None, choices=("point", "strict", "lenient"),
+                    help="gate policy: point (estimate vs threshold), strict (lower bound must clear it: deployments), "
+                         "lenient (fail only when the upper bound misses it: pull requests)")
     group.addoption("--llmgate-set", dest="llmgate_set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key, e.g. --llmgate-set models.int4.dtype=bfloat16 (repeatable)")
     parser.addini("llmgate_report", "default path of the JSON report", default=None)
@@ -112,6 +115,8 @@ def _load_gate_config(config: pytest.Config) -> GateConfig:
                 raise ConfigError(f"llmgate config: --llmgate-tasks: unknown task {name!r}; "
                                   f"known tasks: {', '.join(sorted(TASKS))}")
         changes["tasks"] = names
+    if config.getoption("llmgate_policy"):
+        changes["policy"] = config.getoption("llmgate_policy")
     if config.getoption("llmgate_no_cache"):
         changes["cache_path"] = None
     elif config.getoption("llmgate_cache"):
@@ -305,7 +310,7 @@ class GateController:
         assert state.stage is not None
         if not self.tally.outcomes and not self.harness_errors:
             return
-        stats = self.tally.task_stats()
+        stats = self.tally.task_stats(state.gate.confidence)
         decision = decide_run(state.gate, state.stage, stats)
         exit_code = int(session.exitstatus)
         if exit_code == 0:
@@ -327,7 +332,8 @@ class GateController:
         if state.report_path is not None:
             write_report(state.report_path, build_report(
                 decision=decision, exit_code=exit_code, stats=stats, items=items, models=models,
-                workers=workers, harness_errors=self.harness_errors, chance_margin=state.gate.chance_margin))
+                workers=workers, harness_errors=self.harness_errors, chance_margin=state.gate.chance_margin,
+                policy=state.gate.policy))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """The table and the verdict."""

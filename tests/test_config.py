@@ -90,6 +90,8 @@ def test_overrides_parse_toml_values():
     ({**MODELS, "stages": [{"name": "s", "model": "q", "groups": {"expert": {"min_retention": 0.9}}}]},
      r"group 'expert' is not defined"),
     ({"preset": "ladder"}, r"known presets are compression-ladder"),
+    ({"policy": "loose"}, r"\[tool.llmgate\].policy: 'loose': use 'point'"),
+    ({"confidence": 0.3}, r"confidence: 0.3: use a level such as 0.95"),
     ({**MODELS, "stages": [{"name": "s", "model": "q", "score_band": [0.8, 0.7]}]}, r"low 0.8 is above high 0.7"),
 ])
 def test_every_mistake_is_a_usage_error_naming_key_and_fix(raw, message):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pytest_llmgate.config import parse_config
 from pytest_llmgate.gate import decide_run, evaluate_stage
 from pytest_llmgate.stats import TaskStats
@@ -110,3 +112,58 @@ def test_recommendation_rules_match_bits_and_mean_retention():
     assert result.verdict == "breach" and list(result.recommendations) == ["try 3 bits"]
     mild = evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.5, q2=0.46)})
     assert mild.verdict == "breach" and list(mild.recommendations) == []
+
+
+def paired(task, base_items, **roles):
+    """TaskStats from per-item 0/1 scores, as the tally builds them."""
+    from pytest_llmgate.stats import Tally
+
+    tally = Tally()
+    for i, base in enumerate(base_items):
+        sides = {"baseline": {"scores": {"acc_norm": base}}}
+        sides.update({role: {"scores": {"acc_norm": values[i]}} for role, values in roles.items()})
+        tally.add({"task": task, "doc_id": i, "id": f"validation-{i}", "metric": "acc_norm", "chance": 0.25,
+                   "sides": sides})
+    return tally.task_stats()
+
+
+def test_policies_decide_on_the_interval_and_report_resolution():
+    # 60 items: the baseline gets 50 right; the candidate loses 2 of them (retention 0.96, threshold 0.95).
+    base = [1.0] * 50 + [0.0] * 10
+    cand = [1.0] * 48 + [0.0] * 12
+    stats = paired("hellaswag", base, s=cand)
+    outcomes = {}
+    for policy in ("point", "strict", "lenient"):
+        cfg = config(stages=[{"name": "s", "model": "a", "min_retention": 0.95}], policy=policy)
+        result = evaluate_stage(cfg, cfg.stages[0], stats)
+        evidence = result.tasks["hellaswag"].evidence
+        assert evidence is not None and evidence.lo < 0.95 <= 0.96 <= evidence.hi
+        assert evidence.resolved is False and (evidence.regressed, evidence.improved) == (2, 0)
+        assert evidence.mcnemar_p == 0.5  # two discordant pairs, both one way: 2 * 0.5**2
+        assert "UNRESOLVED" in result.rules[0].detail
+        outcomes[policy] = result.verdict
+    assert outcomes == {"point": "pass", "strict": "breach", "lenient": "pass"}
+
+
+def test_a_clear_drop_is_resolved_and_fails_under_every_policy():
+    base = [1.0] * 80 + [0.0] * 20
+    cand = [1.0] * 50 + [0.0] * 50
+    stats = paired("hellaswag", base, s=cand)
+    for policy in ("point", "strict", "lenient"):
+        cfg = config(stages=[{"name": "s", "model": "a", "min_retention": 0.95}], policy=policy)
+        result = evaluate_stage(cfg, cfg.stages[0], stats)
+        assert result.verdict == "breach" and result.tasks["hellaswag"].evidence.resolved is True
+        assert result.tasks["hellaswag"].evidence.noninferiority_p > 0.5
+
+
+def test_holm_adjusts_noninferiority_across_the_stage_tasks():
+    base = [1.0] * 80 + [0.0] * 20
+    good = [1.0] * 80 + [0.0] * 20
+    stats = {**paired("hellaswag", base, s=good), **paired("arc_challenge", base, s=good)}
+    cfg = config(stages=[{"name": "s", "model": "a", "min_retention": 0.9}])
+    result = evaluate_stage(cfg, cfg.stages[0], stats)
+    raw = {t: v.evidence.noninferiority_p for t, v in result.tasks.items()}
+    holm = {t: v.evidence.noninferiority_p_holm for t, v in result.tasks.items()}
+    # Two tasks with the same p: Holm multiplies the smaller by 2 and the next by 1, then keeps it monotone.
+    assert raw["hellaswag"] == raw["arc_challenge"] < 0.05
+    assert holm == {t: pytest.approx(min(1.0, 2 * p)) for t, p in raw.items()}

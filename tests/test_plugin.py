@@ -180,3 +180,21 @@ def test_unknown_stage_is_a_usage_error(project):
     result = project.run("--stage=vptq")
     assert result.ret == 4
     result.stderr.fnmatch_lines(["*no stage named 'vptq'; choose one of baseline, mild, harsh, all*"])
+
+
+def test_report_and_table_carry_intervals_pvalues_policy_and_resolution(project):
+    project.weights("good", skill=0.9, seed=1)
+    result = project.run("--stage=mild", "--llmgate-policy=strict", "--llmgate-report=report.json")
+    task = project.report()["tasks"]["arc_challenge"]
+    assert project.report()["policy"] == task["policy"] == "strict"
+    lo, hi = task["retention_ci"]
+    assert lo <= task["retention"] <= hi and task["confidence"] == 0.95
+    assert task["resolved"] == (lo >= 0.9 or hi < 0.9)
+    assert task["mcnemar"]["regressed"] == task["losses"] and task["mcnemar"]["improved"] == task["wins"]
+    assert 0.0 <= task["noninferiority"]["p_value"] <= task["noninferiority"]["p_holm"] <= 1.0
+    assert task["baseline"]["ci"][0] <= task["baseline"]["score"] <= task["baseline"]["ci"][1]
+    # 20 items cannot resolve a 0.90 floor: under the strict policy the stage does not pass.
+    assert task["resolved"] is False and result.ret == 10 and not task["passed"]
+    result.stdout.fnmatch_lines(["*retention*CI*p(McNemar)*", "*FAIL (unresolved)*", "*UNRESOLVED*"])
+    lenient = project.run("--stage=mild", "--llmgate-policy=lenient")
+    assert lenient.ret == 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_llmgate.stats import Tally
@@ -18,6 +18,8 @@ def outcome(doc_id: int, base: float, cand: float) -> dict:
 outcomes = st.lists(st.tuples(st.sampled_from([0.0, 1.0]), st.sampled_from([0.0, 1.0])), min_size=1, max_size=60)
 
 
+# No deadline: the first example pays for importing scipy (the intervals), which is lazy on purpose.
+@settings(deadline=None)
 @given(outcomes, st.randoms(use_true_random=False))
 def test_any_arrival_order_gives_identical_statistics(pairs, rng):
     items = [outcome(i, b, c) for i, (b, c) in enumerate(pairs)]
@@ -32,6 +34,7 @@ def test_any_arrival_order_gives_identical_statistics(pairs, rng):
     assert ordered.ordered() == scrambled.ordered()
 
 
+@settings(deadline=None)
 @given(outcomes)
 def test_wins_losses_ties_partition_the_items_and_swapping_models_swaps_them(pairs):
     forward, backward = Tally(), Tally()

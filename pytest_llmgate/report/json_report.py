@@ -23,21 +23,32 @@ def _rule(rule: RuleResult) -> dict[str, Any]:
 def _tasks(stats: Mapping[str, TaskStats], verdict: StageVerdict | None, margin_note: str) -> dict[str, Any]:
     tasks: dict[str, Any] = {}
     for name, st in sorted(stats.items()):
+        base_ci = st.intervals.get(BASELINE_STAGE)
         entry: dict[str, Any] = {
             "metric": st.metric, "n": st.n, "chance": st.chance,
-            "baseline": {"score": st.scores.get(BASELINE_STAGE)},
+            "baseline": {"score": st.scores.get(BASELINE_STAGE), "ci": list(base_ci) if base_ci else None},
             "candidate": {"score": None}, "retention": None, "step_retention": None,
             "threshold": None, "passed": True, "informative": True,
             "wins": 0, "losses": 0, "ties": 0,
         }
         if verdict is not None and name in verdict.tasks:
             tv = verdict.tasks[name]
+            cand_ci = st.intervals.get(verdict.stage)
             entry.update(
-                candidate={"score": tv.score, "stage": verdict.stage}, retention=tv.retention,
+                candidate={"score": tv.score, "stage": verdict.stage, "ci": list(cand_ci) if cand_ci else None},
+                retention=tv.retention,
                 step_retention=tv.step_retention, threshold=tv.threshold, passed=tv.passed,
                 informative=tv.informative, wins=tv.wlt[0], losses=tv.wlt[1], ties=tv.wlt[2])
             if not tv.informative:
                 entry["note"] = margin_note
+            evidence = tv.evidence
+            if evidence is not None:
+                entry.update(
+                    retention_ci=None if evidence.lo is None else [evidence.lo, evidence.hi],
+                    confidence=evidence.confidence, policy=evidence.policy, resolved=evidence.resolved,
+                    mcnemar={"regressed": evidence.regressed, "improved": evidence.improved,
+                             "p_value": evidence.mcnemar_p},
+                    noninferiority={"p_value": evidence.noninferiority_p, "p_holm": evidence.noninferiority_p_holm})
         tasks[name] = entry
     return tasks
 
@@ -61,6 +72,7 @@ def build_report(
     workers: Mapping[str, Any],
     harness_errors: int,
     chance_margin: float,
+    policy: str = "point",
 ) -> dict[str, Any]:
     """The report as a dict of builtin types."""
     main = decision.main
@@ -74,7 +86,7 @@ def build_report(
         "gate_exit_code": decision.exit_code,
         "complete": harness_errors == 0,
         "harness_errors": harness_errors,
-        "policy": "point",
+        "policy": policy,
         "selected_stage": decision.selected,
         "models": dict(models),
         "workers": dict(workers),

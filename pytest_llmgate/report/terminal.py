@@ -9,7 +9,8 @@ from ..config import BASELINE_STAGE
 from ..gate import RunDecision, StageVerdict
 from ..stats import TaskStats
 
-HEADER = ("task", "metric", "n", "baseline", "candidate", "retention", "threshold", "W/L/T", "status")
+HEADER = ("task", "metric", "n", "baseline", "candidate", "retention", "CI", "threshold", "W/L/T", "p(McNemar)",
+          "status")
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -30,14 +31,21 @@ def stage_table(stats: Mapping[str, TaskStats], verdict: StageVerdict | None) ->
     for name, st in sorted(stats.items()):
         base = st.scores.get(BASELINE_STAGE)
         if verdict is None or name not in verdict.tasks:
-            rows.append((name, st.metric, str(st.n), _num(base), "-", "-", "-", "-", "recorded"))
+            interval = st.intervals.get(BASELINE_STAGE)
+            shown = f"{_num(base)} [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else _num(base)
+            rows.append((name, st.metric, str(st.n), shown, "-", "-", "-", "-", "-", "-", "recorded"))
             continue
         tv = verdict.tasks[name]
         status = "PASS" if tv.passed else "FAIL"
+        evidence = tv.evidence
         if not tv.informative:
             status += " (at chance)"
-        rows.append((name, st.metric, str(st.n), _num(base), _num(tv.score), _num(tv.retention),
-                     _num(tv.threshold, 2), "/".join(map(str, tv.wlt)), status))
+        elif evidence is not None and evidence.resolved is False:
+            status += " (unresolved)"
+        ci = "-" if evidence is None or evidence.lo is None else f"[{evidence.lo:.3f}, {evidence.hi:.3f}]"
+        p_value = "-" if evidence is None else f"{evidence.mcnemar_p:.3g}"
+        rows.append((name, st.metric, str(st.n), _num(base), _num(tv.score), _num(tv.retention), ci,
+                     _num(tv.threshold, 2), "/".join(map(str, tv.wlt)), p_value, status))
     return _table(rows)
 
 
