@@ -151,6 +151,18 @@ class Engine:
         if self.cache is not None:
             self.cache.put_many(rows)
 
+    def cached_results(self, role: str, members: list[tuple[TaskItem, str]]) -> dict[str, Any]:
+        """Cached results of ``role`` for (item, task version) pairs, by item name; never loads a model."""
+        if self.cache is None:
+            return {}
+        fingerprint = self.fingerprint(role)
+        keys = {
+            result_key(fingerprint=fingerprint, task_version=version, prompt_hash=item.prompt_hash(),
+                       params=REQUEST_PARAMS, item_id=f"{item.task}/{item.item_id}"): f"{item.task}/{item.item_id}"
+            for item, version in members if item.error is None
+        }
+        return {keys[key]: value for key, value in self.cache.get_many(keys).items()}
+
     def close(self) -> None:
         """Release every loaded model and the cache connection."""
         for backend in self._backends.values():

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from .config import (
+    BASELINE_STAGE,
     ConfigError,
     GateConfig,
     ModelSpec,
@@ -85,6 +86,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llmgate-policy", dest="llmgate_policy", default=None, choices=("point", "strict", "lenient"),
                     help="gate policy: point (estimate vs threshold), strict (lower bound must clear it: deployments), "
                          "lenient (fail only when the upper bound misses it: pull requests)")
+    group.addoption("--llmgate-plan", dest="llmgate_plan", action="store_true",
+                    help="evaluate nothing: from the cached baseline (and candidate, when cached) print per task the "
+                         "smallest retention drop the paired test detects at this many items, and the items needed "
+                         "for --llmgate-plan-drop")
+    group.addoption("--llmgate-plan-drop", dest="llmgate_plan_drop", type=float, default=0.05, metavar="D",
+                    help="relative retention drop to plan for (default 0.05)")
+    group.addoption("--llmgate-plan-power", dest="llmgate_plan_power", type=float, default=0.8, metavar="P",
+                    help="power to plan for (default 0.8)")
     group.addoption("--llmgate-set", dest="llmgate_set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key, e.g. --llmgate-set models.int4.dtype=bfloat16 (repeatable)")
     parser.addini("llmgate_report", "default path of the JSON report", default=None)
@@ -134,6 +143,13 @@ def pytest_configure(config: pytest.Config) -> None:
     for group in gate.groups:
         config.addinivalue_line("markers", f"{group}: items of the tasks in llmgate group '{group}'")
     stage = config.getoption("llmgate_stage")
+    if config.getoption("llmgate_plan"):
+        if not stage:
+            raise ConfigError("llmgate: --llmgate-plan needs --stage=<stage> (the candidate whose cached run to use)")
+        if getattr(config.option, "numprocesses", None):
+            raise ConfigError("llmgate: --llmgate-plan reads the cache only; run it without -n")
+        if not 0 < config.getoption("llmgate_plan_drop") < 1 or not 0 < config.getoption("llmgate_plan_power") < 1:
+            raise ConfigError("llmgate: --llmgate-plan-drop and --llmgate-plan-power must lie strictly between 0 and 1")
     roles = gate.stage_models(stage) if stage else {}
     workerinput = getattr(config, "workerinput", None)
     base = gate.source.parent if gate.source is not None else config.rootpath
@@ -220,6 +236,55 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         shard = shard_of(base, task_item.item_id, state.gate.shard_size)
         item.stash[SHARD] = shard
         state.engine.register(shard, task_item, state.versions[task_item.task])
+    if config.getoption("llmgate_plan"):
+        controller = config.pluginmanager.get_plugin("llmgate-controller")
+        controller.plan = _plan(config, state, items)
+        # Planning evaluates nothing: every item is deselected, and the plan is the output.
+        config.hook.pytest_deselected(items=list(items))
+        items[:] = []
+
+
+def _cached_scores(engine: Engine, role: str, members: list[tuple[TaskItem, str]], metric: str) -> dict[str, float]:
+    """Item name -> ``metric`` score of ``role``'s cached results (items not in the cache are absent)."""
+    by_name = {f"{item.task}/{item.item_id}": item for item, _ in members}
+    return {name: TASKS[by_name[name].task].score(by_name[name], value)["scores"][metric]
+            for name, value in engine.cached_results(role, members).items()}
+
+
+def _plan(config: pytest.Config, state: RunState, items: list[pytest.Item]) -> list[dict[str, Any]]:
+    """Per task: cached baseline accuracy, discordance with the candidate, detectable drop, items needed."""
+    from .stats import items_needed, minimum_detectable_drop
+
+    assert state.engine is not None and state.stage is not None
+    by_task: dict[str, list[tuple[TaskItem, str]]] = {}
+    for item in items:
+        task_item = item.callspec.params.get("llmgate_item") if hasattr(item, "callspec") else None
+        if isinstance(task_item, TaskItem):
+            by_task.setdefault(task_item.task, []).append((task_item, state.versions[task_item.task]))
+    candidate = next((role for role in state.roles if role != BASELINE_STAGE), None)
+    drop, power = config.getoption("llmgate_plan_drop"), config.getoption("llmgate_plan_power")
+    rows = []
+    for task_name, members in sorted(by_task.items()):
+        task = TASKS[task_name]
+        settings = state.gate.task_settings.get(task_name)
+        metric = settings.metric if settings and settings.metric else task.default_metric
+        base = _cached_scores(state.engine, BASELINE_STAGE, members, metric)
+        cand = _cached_scores(state.engine, candidate, members, metric) if candidate else {}
+        row: dict[str, Any] = {"task": task_name, "n": len(members), "baseline_cached": len(base),
+                               "candidate_cached": len(cand), "drop": drop, "power": power}
+        if base:
+            accuracy = sum(base.values()) / len(base)
+            paired = [name for name in base if name in cand]
+            measured = bool(paired)
+            discordance = (sum(base[n] != cand[n] for n in paired) / len(paired)) if measured else 0.10
+            row.update(baseline_accuracy=accuracy, discordance=discordance, discordance_measured=measured)
+            try:
+                row["detectable_drop"] = minimum_detectable_drop(accuracy, discordance, len(members), 0.05, power)
+                row["items_needed"] = items_needed(accuracy, discordance, drop, 0.05, power)
+            except ValueError as error:
+                row["note"] = str(error)
+        rows.append(row)
+    return rows
 
 
 @pytest.fixture
@@ -290,6 +355,7 @@ class GateController:
         self.tally = Tally()
         self.harness_errors = 0
         self.rendered: list[tuple[str, dict[str, bool]]] = []
+        self.plan: list[dict[str, Any]] | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Collect outcomes and count harness errors of llmgate items."""
@@ -308,6 +374,12 @@ class GateController:
 
         state = self.state
         assert state.stage is not None
+        if self.plan is not None:
+            from .report.terminal import plan_lines
+
+            self.rendered = plan_lines(self.plan)
+            session.exitstatus = 0  # every item was deselected on purpose
+            return
         if not self.tally.outcomes and not self.harness_errors:
             return
         stats = self.tally.task_stats(state.gate.confidence)

@@ -198,3 +198,27 @@ def test_report_and_table_carry_intervals_pvalues_policy_and_resolution(project)
     result.stdout.fnmatch_lines(["*retention*CI*p(McNemar)*", "*FAIL (unresolved)*", "*UNRESOLVED*"])
     lenient = project.run("--stage=mild", "--llmgate-policy=lenient")
     assert lenient.ret == 0
+
+
+def test_plan_reads_the_cache_and_evaluates_nothing(project):
+    project.weights("base", skill=0.7, seed=1)
+    before = project.run("--stage=mild", "--llmgate-plan")
+    assert before.ret == 0
+    before.stdout.fnmatch_lines(["*llmgate plan:*", "*arc_challenge*not cached*run --stage=baseline first*"])
+    project.weights("good", skill=0.8, seed=3)
+    assert project.run("--stage=mild", "--llmgate-report=report.json").ret in (0, 10, 11)
+    report = project.report()
+    result = project.run("--stage=mild", "--llmgate-plan", "--llmgate-plan-drop=0.2")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*20 deselected*"])
+    items = report["items"]
+    discordance = sum(i["baseline"]["scores"]["acc_norm"] != i["candidate"]["scores"]["acc_norm"]
+                      for i in items) / len(items)
+    from pytest_llmgate.stats import items_needed
+
+    needed = items_needed(report["tasks"]["arc_challenge"]["baseline"]["score"], discordance, 0.2, 0.05, 0.8)
+    assert 0 < discordance < 1
+    base_score = report["tasks"]["arc_challenge"]["baseline"]["score"]
+    result.stdout.fnmatch_lines([f"arc_challenge*20*{base_score:.3f} (20)*{discordance:.3f}*  {needed}*"])
+    with_n = project.run("--stage=mild", "--llmgate-plan", "-n", "2")
+    assert with_n.ret == 4

@@ -89,3 +89,28 @@ def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: 
         good = decision.verdict == "pass"
         out.append((f"{headline} (exit {exit_code})", {"green": good, "red": not good, "bold": True}))
     return out
+
+
+def plan_lines(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, bool]]]:
+    """The --llmgate-plan table: what the configured items can detect, and what a target drop needs."""
+    table: list[tuple[str, ...]] = [("task", "n", "baseline (cached)", "discordance", "detectable drop",
+                                     "items for drop", "note")]
+    for row in rows:
+        if "baseline_accuracy" not in row:
+            table.append((row["task"], str(row["n"]), "not cached", "-", "-", "-",
+                          "run --stage=baseline first"))
+            continue
+        discordance = f"{row['discordance']:.3f}" + ("" if row["discordance_measured"] else " (assumed)")
+        detectable = row.get("detectable_drop")
+        table.append((
+            row["task"], str(row["n"]), f"{row['baseline_accuracy']:.3f} ({row['baseline_cached']})", discordance,
+            "none at this n" if detectable is None else f"{detectable:.1%}",
+            str(row.get("items_needed", "-")), row.get("note", ""),
+        ))
+    first = rows[0] if rows else {"drop": 0.05, "power": 0.8}
+    out = [(f"llmgate plan: paired McNemar test, two-sided alpha 0.05, power {first['power']:.0%}, "
+            f"target drop {first['drop']:.0%} of the baseline score", {"bold": True})]
+    out += [(line, {}) for line in _table(table)]
+    out.append(("discordance = share of items on which baseline and candidate disagree (measured from a cached "
+                "candidate run, else assumed 0.10)", {}))
+    return out
