@@ -32,13 +32,18 @@ def prompt(question: str) -> str:
     return PRIMER + "\n\nQ: " + question + "\nA:"
 
 
-class TruthfulQAMC1(MultipleChoiceTask):
-    """One true answer among the mc1 choices (always the first); acc."""
+class _TruthfulQA(MultipleChoiceTask):
+    """What MC1 and MC2 share: the data, the primer and a single ``acc`` metric."""
 
-    name = "truthfulqa_mc1"
     dataset = DATASET
     metrics = ("acc",)
     default_metric = "acc"
+
+
+class TruthfulQAMC1(_TruthfulQA):
+    """One true answer among the mc1 choices (always the first); acc."""
+
+    name = "truthfulqa_mc1"
     reference = "lm-eval 0.4 tasks/truthfulqa/truthfulqa_mc1.yaml"
 
     def build(self, doc: dict[str, Any]) -> tuple[str, list[str], int]:
@@ -46,13 +51,10 @@ class TruthfulQAMC1(MultipleChoiceTask):
         return prompt(doc["question"]), list(doc["mc1_targets"]["choices"]), 0
 
 
-class TruthfulQAMC2(MultipleChoiceTask):
+class TruthfulQAMC2(_TruthfulQA):
     """Normalized probability mass on the true answers (labels 1) of mc2; a continuous score."""
 
     name = "truthfulqa_mc2"
-    dataset = DATASET
-    metrics = ("acc",)
-    default_metric = "acc"
     reference = "lm-eval 0.4 tasks/truthfulqa/truthfulqa_mc2.yaml + utils.process_results_mc2"
 
     def build(self, doc: dict[str, Any]) -> tuple[str, list[str], int]:
