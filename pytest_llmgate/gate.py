@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import EXIT_BREACH, EXIT_CRITICAL
 from .config import BASELINE_STAGE, GateConfig, StageSpec
@@ -120,8 +121,13 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, TaskStats]) -> StageVerdict:
-    """Check every threshold and critical rule of ``stage`` on the per-task statistics."""
+def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, TaskStats],
+                   adaptive: Mapping[str, Mapping[str, Any]] | None = None) -> StageVerdict:
+    """Check every threshold and critical rule of ``stage`` on the per-task statistics.
+
+    ``adaptive`` holds the tasks an anytime-valid sequence resolved early (--llmgate-adaptive): their
+    retention floor is decided by that sequence, not by the fixed-n rule on the items that ran.
+    """
     index = [s.name for s in config.stages].index(stage.name)
     previous = config.stages[index - 1].name if index > 0 else BASELINE_STAGE
     rules: list[RuleResult] = []
@@ -140,7 +146,14 @@ def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, Tas
         if st.items.get(BASELINE_STAGE) and st.items.get(stage.name):
             evidence = retention_evidence(config, st, stage.name, thresholds.min_retention)
         if thresholds.min_retention is not None:
-            if informative and retention is not None:
+            early = (adaptive or {}).get(task)
+            if early is not None:
+                task_rules.append(RuleResult(
+                    f"{task}: retention >= {thresholds.min_retention:.2f}", early["decision"] == "pass",
+                    f"adaptive: anytime-valid {config.confidence:.0%} confidence sequence resolved "
+                    f"'{early['decision']}' after {early['items']} items (retention {_fmt(retention)} on them)",
+                    task=task))
+            elif informative and retention is not None:
                 ok = _retention_passes(config, retention, evidence, thresholds.min_retention)
                 detail = f"retention {retention:.3f} = {score:.3f} / {base:.3f}"
                 if evidence is not None and evidence.lo is not None and evidence.hi is not None:
@@ -297,7 +310,8 @@ class RunDecision:
         return self.stages[0] if self.stage == "all" else next(v for v in self.stages if v.stage == self.stage)
 
 
-def decide_run(config: GateConfig, stage: str, stats: Mapping[str, TaskStats]) -> RunDecision:
+def decide_run(config: GateConfig, stage: str, stats: Mapping[str, TaskStats],
+               adaptive: Mapping[str, Mapping[str, Any]] | None = None) -> RunDecision:
     """The decision for ``--stage=stage`` on the collected statistics."""
     if stage == BASELINE_STAGE:
         return RunDecision(stage, "baseline-recorded", 0, ())
@@ -305,5 +319,5 @@ def decide_run(config: GateConfig, stage: str, stats: Mapping[str, TaskStats]) -
         ladder = decide_ladder([evaluate_stage(config, s, stats) for s in config.stages])
         verdict = "pass" if ladder.selected else ladder.reference.verdict
         return RunDecision(stage, verdict, ladder.exit_code, tuple(ladder.verdicts), ladder.selected)
-    result = evaluate_stage(config, config.stage(stage), stats)
+    result = evaluate_stage(config, config.stage(stage), stats, adaptive)
     return RunDecision(stage, result.verdict, result.exit_code, (result,))

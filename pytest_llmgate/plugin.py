@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from .config import (
+    ALL_STAGES,
     BASELINE_STAGE,
     ConfigError,
     GateConfig,
@@ -45,6 +46,9 @@ class RunState:
     worker: str
     engine: Engine | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    # --llmgate-adaptive: task -> {"decision", "items"} once resolved; shared with xdist workers via a file.
+    adaptive: dict[str, dict[str, Any]] | None = None
+    adaptive_file: Path | None = None
 
 
 STATE = pytest.StashKey[RunState]()
@@ -94,6 +98,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="relative retention drop to plan for (default 0.05)")
     group.addoption("--llmgate-plan-power", dest="llmgate_plan_power", type=float, default=0.8, metavar="P",
                     help="power to plan for (default 0.8)")
+    group.addoption("--llmgate-adaptive", dest="llmgate_adaptive", action="store_true",
+                    help="evaluate shards in a seeded random order and stop a task once an anytime-valid "
+                         "confidence sequence resolves its retention floor; its remaining items are skipped")
     group.addoption("--llmgate-set", dest="llmgate_set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key, e.g. --llmgate-set models.int4.dtype=bfloat16 (repeatable)")
     parser.addini("llmgate_report", "default path of the JSON report", default=None)
@@ -150,6 +157,8 @@ def pytest_configure(config: pytest.Config) -> None:
             raise ConfigError("llmgate: --llmgate-plan reads the cache only; run it without -n")
         if not 0 < config.getoption("llmgate_plan_drop") < 1 or not 0 < config.getoption("llmgate_plan_power") < 1:
             raise ConfigError("llmgate: --llmgate-plan-drop and --llmgate-plan-power must lie strictly between 0 and 1")
+    if config.getoption("llmgate_adaptive") and (not stage or stage in (BASELINE_STAGE, ALL_STAGES)):
+        raise ConfigError("llmgate: --llmgate-adaptive gates one stage: use it with --stage=<stage name>")
     roles = gate.stage_models(stage) if stage else {}
     workerinput = getattr(config, "workerinput", None)
     base = gate.source.parent if gate.source is not None else config.rootpath
@@ -159,6 +168,14 @@ def pytest_configure(config: pytest.Config) -> None:
         report_path=Path(report).resolve() if report else None,
         worker=workerinput["workerid"] if workerinput else "main",
     )
+    if config.getoption("llmgate_adaptive"):
+        state.adaptive = {}
+        if workerinput is not None:
+            state.adaptive_file = Path(workerinput["llmgate_adaptive_file"])
+        else:
+            import uuid
+
+            state.adaptive_file = state.work_dir / "adaptive" / f"{uuid.uuid4().hex}.json"
     if stage:
         from .cache import ResultCache
 
@@ -172,7 +189,8 @@ def pytest_configure(config: pytest.Config) -> None:
         if config.pluginmanager.hasplugin("xdist") and workerinput is None:
             from .xdist_support import XdistShardPlugin
 
-            config.pluginmanager.register(XdistShardPlugin(gate.shard_size), "llmgate-xdist")
+            config.pluginmanager.register(
+                XdistShardPlugin(gate.shard_size, state.adaptive_file), "llmgate-xdist")
     config.stash[STATE] = state
 
 
@@ -236,12 +254,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         shard = shard_of(base, task_item.item_id, state.gate.shard_size)
         item.stash[SHARD] = shard
         state.engine.register(shard, task_item, state.versions[task_item.task])
+    if state.adaptive is not None:
+        _shuffle_shards(items, state.gate.seed)
     if config.getoption("llmgate_plan"):
         controller = config.pluginmanager.get_plugin("llmgate-controller")
         controller.plan = _plan(config, state, items)
         # Planning evaluates nothing: every item is deselected, and the plan is the output.
         config.hook.pytest_deselected(items=list(items))
         items[:] = []
+
+
+def _shuffle_shards(items: list[pytest.Item], seed: int) -> None:
+    """Reorder whole shards in a seeded random order (items keep their order inside a shard).
+
+    Anytime-valid stopping assumes the items arrive in random order; every xdist worker computes
+    the same order from the seed, so collections stay identical.
+    """
+    import random
+
+    shards: dict[str, list[pytest.Item]] = {}
+    others = []
+    for item in items:
+        if SHARD in item.stash:
+            shards.setdefault(item.stash[SHARD], []).append(item)
+        else:
+            others.append(item)
+    order = sorted(shards)
+    random.Random(seed).shuffle(order)
+    items[:] = others + [item for key in order for item in shards[key]]
 
 
 def _cached_scores(engine: Engine, role: str, members: list[tuple[TaskItem, str]], metric: str) -> dict[str, float]:
@@ -300,6 +340,11 @@ def llmgate_outcome(request: pytest.FixtureRequest, llmgate_item: TaskItem | Non
     if state.stage is None:
         pytest.skip("benchmarks run with --stage=baseline, --stage=<stage> or --stage=all")
     assert llmgate_item is not None and state.engine is not None
+    if state.adaptive is not None:
+        resolved = _adaptive_resolved(state).get(llmgate_item.task)
+        if resolved is not None:
+            pytest.skip(f"llmgate adaptive: {llmgate_item.task} resolved ({resolved['decision']}) "
+                        f"after {resolved['items']} items")
     if llmgate_item.error is not None:
         raise DatasetError(llmgate_item.error)
     task = TASKS[llmgate_item.task]
@@ -318,6 +363,19 @@ def llmgate_outcome(request: pytest.FixtureRequest, llmgate_item: TaskItem | Non
         loads=dict(state.engine.loads))
     request.node.stash[OUTCOME] = outcome.as_dict()
     return outcome
+
+
+def _adaptive_resolved(state: RunState) -> dict[str, dict[str, Any]]:
+    """Tasks already resolved: in this process (no xdist), or as the controller published them."""
+    assert state.adaptive is not None
+    if state.worker != "main" and state.adaptive_file is not None and state.adaptive_file.is_file():
+        import contextlib
+        import json
+
+        # Mid-replace on a filesystem without atomic rename: read it again at the next item.
+        with contextlib.suppress(OSError, ValueError):
+            state.adaptive.update(json.loads(state.adaptive_file.read_text()))
+    return state.adaptive
 
 
 @pytest.hookimpl(wrapper=True)
@@ -356,14 +414,46 @@ class GateController:
         self.harness_errors = 0
         self.rendered: list[tuple[str, dict[str, bool]]] = []
         self.plan: list[dict[str, Any]] | None = None
+        self.adaptive_skipped = 0
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Collect outcomes and count harness errors of llmgate items."""
+        if report.skipped and report.when == "setup" and "llmgate adaptive:" in str(report.longrepr):
+            self.adaptive_skipped += 1
         outcome = getattr(report, "llmgate", None)
         if outcome is not None and report.when == "call":
             self.tally.add(outcome)
+            if self.state.adaptive is not None and outcome["task"] not in self.state.adaptive:
+                self._check_adaptive(outcome["task"])
         elif getattr(report, "llmgate_item", False) and report.failed and report.when == "setup":
             self.harness_errors += 1
+
+    def _check_adaptive(self, task: str) -> None:
+        """Stop ``task`` once the confidence sequence on its items so far resolves the retention floor."""
+        from .stats import sequential_decision
+
+        state = self.state
+        assert state.adaptive is not None and state.stage is not None
+        stage = state.gate.stage(state.stage)
+        threshold = stage.thresholds_for(task, state.gate.groups_of(task)).min_retention
+        if not threshold:
+            return
+        # Arrival order (the shuffled shard order), not row order: the sequence's validity rests on it.
+        seen = [o for o in self.tally.outcomes.values() if o["task"] == task]
+        metric = seen[0]["metric"]
+        base = [o["sides"][BASELINE_STAGE]["scores"][metric] for o in seen]
+        cand = [o["sides"][state.stage]["scores"][metric] for o in seen]
+        decision = sequential_decision(base, cand, threshold, alpha=1 - state.gate.confidence)
+        if decision == "continue":
+            return
+        state.adaptive[task] = {"decision": decision, "items": len(seen)}
+        if state.adaptive_file is not None:
+            import json
+
+            state.adaptive_file.parent.mkdir(parents=True, exist_ok=True)
+            temporary = state.adaptive_file.with_suffix(".tmp")
+            temporary.write_text(json.dumps(state.adaptive))
+            os.replace(temporary, state.adaptive_file)
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -383,7 +473,9 @@ class GateController:
         if not self.tally.outcomes and not self.harness_errors:
             return
         stats = self.tally.task_stats(state.gate.confidence)
-        decision = decide_run(state.gate, state.stage, stats)
+        decision = decide_run(state.gate, state.stage, stats, adaptive=state.adaptive)
+        if state.adaptive_file is not None:
+            state.adaptive_file.unlink(missing_ok=True)
         exit_code = int(session.exitstatus)
         if exit_code == 0:
             exit_code = decision.exit_code
@@ -401,11 +493,16 @@ class GateController:
                 loads[name] = max(loads.get(name, 0), count)
         self.rendered = render(decision, stats, exit_code=exit_code, harness_errors=self.harness_errors,
                                models=models)
+        if state.adaptive is not None:
+            resolved = ", ".join(
+                f"{task} {v['decision']} after {v['items']} items" for task, v in state.adaptive.items())
+            self.rendered.insert(0, (f"llmgate adaptive: {resolved or 'no task resolved early'}; "
+                                     f"{self.adaptive_skipped} items skipped", {"bold": True}))
         if state.report_path is not None:
             write_report(state.report_path, build_report(
                 decision=decision, exit_code=exit_code, stats=stats, items=items, models=models,
                 workers=workers, harness_errors=self.harness_errors, chance_margin=state.gate.chance_margin,
-                policy=state.gate.policy))
+                policy=state.gate.policy, adaptive=state.adaptive, skipped=self.adaptive_skipped))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """The table and the verdict."""

@@ -47,8 +47,15 @@ class ShardScheduling(LoadScopeScheduling):
 class XdistShardPlugin:
     """Answers pytest_xdist_make_scheduler for the default (load) distribution modes."""
 
-    def __init__(self, shard_size: int) -> None:
+    def __init__(self, shard_size: int, adaptive_file: Any = None) -> None:
         self.shard_size = shard_size
+        self.adaptive_file = adaptive_file
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """Tell each worker where the controller publishes tasks resolved by --llmgate-adaptive."""
+        if self.adaptive_file is not None:
+            node.workerinput["llmgate_adaptive_file"] = str(self.adaptive_file)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> ShardScheduling | None:

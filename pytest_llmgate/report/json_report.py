@@ -73,6 +73,8 @@ def build_report(
     harness_errors: int,
     chance_margin: float,
     policy: str = "point",
+    adaptive: Mapping[str, Any] | None = None,
+    skipped: int = 0,
 ) -> dict[str, Any]:
     """The report as a dict of builtin types."""
     main = decision.main
@@ -94,6 +96,7 @@ def build_report(
         "rules": [_rule(r) for r in main.rules] if main else [],
         "recommendations": list(main.recommendations) if main else [],
         "stages": {v.stage: _stage(stats, v, note) for v in decision.stages},
+        "adaptive": None if adaptive is None else {"tasks": dict(adaptive), "items_skipped": skipped},
         "items": [],
     }
     for outcome in items:
