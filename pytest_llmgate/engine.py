@@ -57,9 +57,8 @@ class Engine:
         """The model fingerprint of ``role``, computed once per process."""
         if role not in self._fingerprints:
             spec = self.roles[role]
-            digest = self.cache.file_digest if self.cache is not None else None
             self._fingerprints[role] = (
-                model_fingerprint(spec, digest) if digest else model_fingerprint(spec))
+                model_fingerprint(spec, self.cache.file_digest) if self.cache is not None else model_fingerprint(spec))
         return self._fingerprints[role]
 
     def backend(self, role: str) -> Backend:
@@ -82,7 +81,7 @@ class Engine:
     def result(self, role: str, shard: str, item: TaskItem) -> SideResult:
         """``role``'s results for ``item``; computes the whole shard on first use."""
         fingerprint = self.fingerprint(role)
-        name = f"{item.task}/{item.item_id}"
+        name = item.qualified_id
         if (fingerprint, name) not in self._memo and (fingerprint, name) not in self._failed:
             self._run_shard(role, shard, item)
         if (fingerprint, name) in self._failed:
@@ -94,17 +93,12 @@ class Engine:
         members = [(i, v) for i, v in self.shards.get(shard, []) if i.error is None]
         if not any(i is item for i, _ in members):
             raise ShardError(f"{item.task} {item.item_id} was not registered in shard {shard}")
-        todo = [(i, v) for i, v in members if (fingerprint, f"{i.task}/{i.item_id}") not in self._memo]
-        keys = {
-            f"{i.task}/{i.item_id}": result_key(
-                fingerprint=fingerprint, task_version=version, prompt_hash=i.prompt_hash(),
-                params=REQUEST_PARAMS, item_id=f"{i.task}/{i.item_id}")
-            for i, version in todo
-        }
+        todo = [(i, v) for i, v in members if (fingerprint, i.qualified_id) not in self._memo]
+        keys = {i.qualified_id: _key(fingerprint, i, version) for i, version in todo}
         found = self.cache.get_many(keys.values()) if self.cache is not None else {}
         missing = []
         for i, version in todo:
-            name = f"{i.task}/{i.item_id}"
+            name = i.qualified_id
             if keys[name] in found:
                 self._memo[(fingerprint, name)] = SideResult(found[keys[name]], cached=True)
             else:
@@ -117,7 +111,7 @@ class Engine:
         except Exception as error:
             # A model that cannot load fails every item that needs it, with the same message.
             for i, _, _ in missing:
-                self._failed[(fingerprint, f"{i.task}/{i.item_id}")] = (
+                self._failed[(fingerprint, i.qualified_id)] = (
                     f"model '{model}' could not be loaded: {type(error).__name__}: {error}")
             return
         try:
@@ -131,7 +125,7 @@ class Engine:
                     self._evaluate(role, backend, [entry])
                 except Exception as error:
                     i = entry[0]
-                    self._failed[(fingerprint, f"{i.task}/{i.item_id}")] = (
+                    self._failed[(fingerprint, i.qualified_id)] = (
                         f"model '{model}' failed on {i.task} {i.item_id}: {type(error).__name__}: {error}")
 
     def _evaluate(self, role: str, backend: Backend, missing: list[tuple[TaskItem, str, str]]) -> None:
@@ -145,7 +139,7 @@ class Engine:
         for item, version, key in missing:
             values = [[float(ll), bool(greedy)] for ll, greedy in outputs[offset:offset + len(item.requests)]]
             offset += len(item.requests)
-            self._memo[(fingerprint, f"{item.task}/{item.item_id}")] = SideResult(values, cached=False)
+            self._memo[(fingerprint, item.qualified_id)] = SideResult(values, cached=False)
             rows.append((key, fingerprint, version, values))
         # One transaction per batch: a crash later loses nothing already stored.
         if self.cache is not None:
@@ -156,11 +150,7 @@ class Engine:
         if self.cache is None:
             return {}
         fingerprint = self.fingerprint(role)
-        keys = {
-            result_key(fingerprint=fingerprint, task_version=version, prompt_hash=item.prompt_hash(),
-                       params=REQUEST_PARAMS, item_id=f"{item.task}/{item.item_id}"): f"{item.task}/{item.item_id}"
-            for item, version in members if item.error is None
-        }
+        keys = {_key(fingerprint, item, version): item.qualified_id for item, version in members if item.error is None}
         return {keys[key]: value for key, value in self.cache.get_many(keys).items()}
 
     def close(self) -> None:
@@ -170,6 +160,12 @@ class Engine:
         self._backends.clear()
         if self.cache is not None:
             self.cache.close()
+
+
+def _key(fingerprint: str, item: TaskItem, version: str) -> str:
+    """The cache key of ``item`` (of ``version``) on the model with ``fingerprint``."""
+    return result_key(fingerprint=fingerprint, task_version=version, prompt_hash=item.prompt_hash(),
+                      params=REQUEST_PARAMS, item_id=item.qualified_id)
 
 
 def shard_of(nodeid_base: str, item_id: str, shard_size: int) -> str:

@@ -286,7 +286,7 @@ def _shuffle_shards(items: list[pytest.Item], seed: int) -> None:
 
 def _cached_scores(engine: Engine, role: str, members: list[tuple[TaskItem, str]], metric: str) -> dict[str, float]:
     """Item name -> ``metric`` score of ``role``'s cached results (items not in the cache are absent)."""
-    by_name = {f"{item.task}/{item.item_id}": item for item, _ in members}
+    by_name = {item.qualified_id: item for item, _ in members}
     return {name: TASKS[by_name[name].task].score(by_name[name], value)["scores"][metric]
             for name, value in engine.cached_results(role, members).items()}
 
@@ -415,6 +415,8 @@ class GateController:
         self.rendered: list[tuple[str, dict[str, bool]]] = []
         self.plan: list[dict[str, Any]] | None = None
         self.adaptive_skipped = 0
+        # task -> item id -> outcome, in arrival order (a re-run item keeps its first place, as in the tally)
+        self.arrivals: dict[str, dict[str, dict[str, Any]]] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Collect outcomes and count harness errors of llmgate items."""
@@ -424,6 +426,7 @@ class GateController:
         if outcome is not None and report.when == "call":
             self.tally.add(outcome)
             if self.state.adaptive is not None and outcome["task"] not in self.state.adaptive:
+                self.arrivals.setdefault(outcome["task"], {})[outcome["id"]] = outcome
                 self._check_adaptive(outcome["task"])
         elif getattr(report, "llmgate_item", False) and report.failed and report.when == "setup":
             self.harness_errors += 1
@@ -439,7 +442,7 @@ class GateController:
         if not threshold:
             return
         # Arrival order (the shuffled shard order), not row order: the sequence's validity rests on it.
-        seen = [o for o in self.tally.outcomes.values() if o["task"] == task]
+        seen = list(self.arrivals[task].values())
         metric = seen[0]["metric"]
         base = [o["sides"][BASELINE_STAGE]["scores"][metric] for o in seen]
         cand = [o["sides"][state.stage]["scores"][metric] for o in seen]

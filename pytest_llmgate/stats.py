@@ -70,18 +70,15 @@ class Tally:
         for task, outcomes in by_task.items():
             metric = outcomes[0]["metric"]
             roles = set.intersection(*(set(o["sides"]) for o in outcomes))
-            scores = {role: mean(item_score(o["sides"][role], metric) for o in outcomes) for role in sorted(roles)}
+            items = {role: tuple(item_score(o["sides"][role], metric) for o in outcomes) for role in sorted(roles)}
+            scores = {role: mean(values) for role, values in items.items()}
             wlt = {}
             if "baseline" in roles:
                 for role in sorted(roles - {"baseline"}):
-                    wins = losses = 0
-                    for o in outcomes:
-                        base = item_score(o["sides"]["baseline"], metric)
-                        cand = item_score(o["sides"][role], metric)
-                        wins += cand > base
-                        losses += cand < base
+                    pairs = list(zip(items["baseline"], items[role], strict=True))
+                    wins = sum(cand > base for base, cand in pairs)
+                    losses = sum(cand < base for base, cand in pairs)
                     wlt[role] = (wins, losses, len(outcomes) - wins - losses)
-            items = {role: tuple(item_score(o["sides"][role], metric) for o in outcomes) for role in sorted(roles)}
             clusters = tuple(o["id"].rpartition("-")[0] for o in outcomes)
             clustered = clusters if len(set(clusters)) > 1 else None
             result[task] = TaskStats(

@@ -39,6 +39,11 @@ class TaskItem:
         """The readable id, also the pytest parameter id: ``<group>-<doc_id>``."""
         return f"{self.group}-{self.doc_id}"
 
+    @property
+    def qualified_id(self) -> str:
+        """``<task>/<item_id>``: unique across tasks, the item's name in the cache and the engine."""
+        return f"{self.task}/{self.item_id}"
+
     def prompt_hash(self) -> str:
         """Hash of exactly what is sent to the model, part of every cache key."""
         payload = json.dumps([[r.context, r.continuation] for r in self.requests], ensure_ascii=False)
