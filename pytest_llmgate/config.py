@@ -60,6 +60,14 @@ def _positive_int(value: Any, where: str, *, allow_none: bool = False) -> int | 
     return value
 
 
+def _batch_size(value: Any, where: str) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(where, f"expected 'auto' or a positive integer, got {value!r}")
+    return value
+
+
 def _str_list(value: Any, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -86,9 +94,10 @@ class ModelSpec:
     tokenizer: str | None = None
     dtype: str = "float32"
     device: str = "auto"
-    batch_size: int = 16
+    batch_size: int | str = "auto"
     max_length: int | None = None
     transform: Mapping[str, Any] | None = None
+    add_bos_token: bool | None = None
 
     def describe(self) -> str:
         """A short human description, for the terminal summary."""
@@ -100,7 +109,7 @@ class ModelSpec:
 
 _MODEL_KEYS = (
     "backend", "path", "revision", "gguf_file", "tokenizer", "dtype", "device", "batch_size",
-    "max_length", "transform",
+    "max_length", "transform", "add_bos_token",
 )
 
 
@@ -127,6 +136,10 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
     device = raw.get("device", "auto")
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise _fail(f"{where}.device", f"{device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    add_bos_token = raw.get("add_bos_token")
+    if add_bos_token is not None and not isinstance(add_bos_token, bool):
+        raise _fail(f"{where}.add_bos_token", f"expected true or false, got {add_bos_token!r} "
+                    "(leave it out for the tokenizer's own rule, as lm-eval does)")
     transform = raw.get("transform")
     if transform is not None:
         transform = _table(transform, f"{where}.transform")
@@ -153,9 +166,10 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
         tokenizer=raw.get("tokenizer"),
         dtype=dtype,
         device=device,
-        batch_size=_positive_int(raw.get("batch_size", 16), f"{where}.batch_size") or 16,
+        batch_size=_batch_size(raw.get("batch_size", "auto"), f"{where}.batch_size"),
         max_length=_positive_int(raw.get("max_length"), f"{where}.max_length", allow_none=True),
         transform=transform,
+        add_bos_token=add_bos_token,
     )
 
 
@@ -400,10 +414,17 @@ class GateConfig:
     confidence: float = 0.95
     prompt_defaults: Mapping[str, Any] = field(default_factory=dict)
 
-    def prompt_options(self, task: str) -> dict[str, Any]:
-        """The prompt options of ``task``: its own settings over the top-level ones (keys left out: task default)."""
+    def prompt_options(self, task: str, pinned_shots: bool = False) -> dict[str, Any]:
+        """The prompt options of ``task``: its own settings over the top-level ones (keys left out: task default).
+
+        ``pinned_shots``: the task's lm-eval YAML pins ``num_fewshot: 0`` (TruthfulQA), so lm-eval's
+        ``--num_fewshot`` leaves it 0-shot; the top-level ``num_fewshot`` does the same here, and only
+        the task's own setting changes it.
+        """
         settings = self.task_settings.get(task)
         merged = dict(self.prompt_defaults)
+        if pinned_shots:
+            merged.pop("num_fewshot", None)
         if settings is not None:
             merged.update({k: getattr(settings, k) for k in PROMPT_KEYS if getattr(settings, k) is not None})
         return merged

@@ -157,7 +157,8 @@ def _load_gate_config(config: pytest.Config) -> tuple[GateConfig, dict[str, Task
     tasks = {}
     for name, task in registry.items():
         try:
-            tasks[name] = task.configured(TaskOptions(**gate.prompt_options(name)))
+            options = gate.prompt_options(name, pinned_shots=getattr(task, "pins_num_fewshot", False))
+            tasks[name] = task.configured(TaskOptions(**options))
         except ValueError as error:
             raise ConfigError(f"llmgate config: [tool.llmgate.task.{name}]: {error}") from None
     return gate, tasks

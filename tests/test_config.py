@@ -127,3 +127,13 @@ def test_relative_paths_are_relative_to_the_config(tmp_path):
                           source=tmp_path / "pyproject.toml", known_tasks=TASKS, rootpath=tmp_path)
     assert config.models["m"].path == str(tmp_path / "weights")
     assert config.data_dir == tmp_path / "data"
+
+
+def test_top_level_num_fewshot_leaves_truthfulqa_zero_shot_as_lm_eval_does():
+    # lm-eval's --num_fewshot is ignored by tasks whose YAML pins num_fewshot: 0 (TruthfulQA).
+    config = parse({"num_fewshot": 5, "task": {"truthfulqa_mc1": {"num_fewshot": 2}}})
+    assert TASKS["truthfulqa_mc2"].pins_num_fewshot and TASKS["truthfulqa_mc1"].pins_num_fewshot
+    assert not TASKS["arc_challenge"].pins_num_fewshot
+    assert config.prompt_options("arc_challenge") == {"num_fewshot": 5}
+    assert config.prompt_options("truthfulqa_mc2", pinned_shots=True) == {}
+    assert config.prompt_options("truthfulqa_mc1", pinned_shots=True) == {"num_fewshot": 2}

@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from pytest_llmgate.config import ModelSpec  # noqa: E402
 from pytest_llmgate.engine import Engine, ShardError  # noqa: E402
 from pytest_llmgate.models import load_backend, model_fingerprint  # noqa: E402
+from pytest_llmgate.models.batching import BatchSizer  # noqa: E402
 from pytest_llmgate.models.generation import (  # noqa: E402
     HF_DEFAULT_TOP_K,
     Decoder,
@@ -128,13 +129,14 @@ def test_finished_rows_leave_the_batch(tiny, prompts, frequent_eos):
 def test_stop_strings_end_a_row_and_the_text_is_cut_as_lm_eval_cuts_it(tiny, tokenizer, prompts):
     contexts = [tokenizer.decode(p) for p in prompts[:4]]
     free = generate_completions(tiny, tokenizer, contexts, [GenerationRequest(c, ()) for c in contexts],
-                                device="cpu", max_length=512, batch_size=4)
+                                device="cpu", max_length=512, sizer=BatchSizer(4, "cpu"))
     texts = [f[0] for f in free]
     # A stop string taken from the middle of each row's free-running text (three whole characters).
     starts = [next(i for i in range(len(t) // 2, len(t)) if "\ufffd" not in t[i:i + 3]) for t in texts]
     stops = [t[i:i + 3] for t, i in zip(texts, starts, strict=True)]
     requests = [GenerationRequest(c, (s, "never-appears")) for c, s in zip(contexts, stops, strict=True)]
-    cut = generate_completions(tiny, tokenizer, contexts, requests, device="cpu", max_length=512, batch_size=4)
+    cut = generate_completions(tiny, tokenizer, contexts, requests, device="cpu", max_length=512,
+                               sizer=BatchSizer(4, "cpu"))
     for text, stop, got in zip(texts, stops, cut, strict=True):
         assert got == [cut_at_stops(text, (stop, "never-appears", "<|im_end|>"))]
         assert stop not in got[0] and len(got[0]) < len(text)
@@ -149,27 +151,28 @@ def test_max_gen_toks_and_left_truncation(tiny, tokenizer):
     assert len(five) == 5
     short = GenerationRequest(context, (), max_gen_toks=5)
     assert generate_completions(tiny, tokenizer, [context], [short], device="cpu", max_length=512,
-                                batch_size=1) == [[tokenizer.decode(five, skip_special_tokens=True)]]
+                                sizer=BatchSizer(1, "cpu")) == [[tokenizer.decode(five, skip_special_tokens=True)]]
     # max_length - max_gen_toks leaves 60 context tokens: the same as generating from the last 60 alone.
     assert len(tokens) > 60
     truncated = generate_completions(tiny, tokenizer, [context], [GenerationRequest(context, (), max_gen_toks=20)],
-                                     device="cpu", max_length=80, batch_size=1)
+                                     device="cpu", max_length=80, sizer=BatchSizer(1, "cpu"))
     with torch.inference_mode():
         rows = run.run([DecodeRow(tuple(tokens[-60:]), 20, ())])
     assert truncated == [[tokenizer.decode(rows[0], skip_special_tokens=True)]]
     with pytest.raises(ValueError, match="leaves no room"):
         generate_completions(tiny, tokenizer, [context], [GenerationRequest(context, (), max_gen_toks=80)],
-                             device="cpu", max_length=80, batch_size=1)
+                             device="cpu", max_length=80, sizer=BatchSizer(1, "cpu"))
 
 
 def test_results_do_not_depend_on_batch_size_or_order(tiny, tokenizer, prompts):
     contexts = [tokenizer.decode(p) for p in prompts]
     requests = [GenerationRequest(c, ("\n\n",), max_gen_toks=24) for c in contexts]
-    reference = generate_completions(tiny, tokenizer, contexts, requests, device="cpu", max_length=512, batch_size=1)
+    reference = generate_completions(tiny, tokenizer, contexts, requests, device="cpu", max_length=512,
+                                     sizer=BatchSizer(1, "cpu"))
     for batch_size in (2, 6):
         order = list(reversed(range(len(requests))))
         shuffled = generate_completions(tiny, tokenizer, [contexts[i] for i in order], [requests[i] for i in order],
-                                        device="cpu", max_length=512, batch_size=batch_size)
+                                        device="cpu", max_length=512, sizer=BatchSizer(batch_size, "cpu"))
         assert [shuffled[order.index(i)] for i in range(len(requests))] == reference
 
 
@@ -179,7 +182,7 @@ def test_sampling_is_seeded_per_request_and_sample(tiny, tokenizer, prompts):
 
     def run(requests: list[GenerationRequest], batch_size: int = 4) -> list[list[str]]:
         return generate_completions(tiny, tokenizer, [r.context for r in requests], requests, device="cpu",
-                                    max_length=512, batch_size=batch_size)
+                                    max_length=512, sizer=BatchSizer(batch_size, "cpu"))
 
     [first] = run([sampled])
     assert len(first) == 4 and len(set(first)) > 1
@@ -199,7 +202,7 @@ def test_generation_config_settings_lm_eval_would_apply_are_reported(tiny, token
     tiny.generation_config.repetition_penalty = 1.3
     try:
         generate_completions(tiny, tokenizer, [request.context], [request], device="cpu", max_length=512,
-                             batch_size=1)
+                             sizer=BatchSizer(1, "cpu"))
     finally:
         tiny.generation_config.repetition_penalty = before
     assert "repetition_penalty" in caplog.text and "may differ from lm-eval" in caplog.text
@@ -240,13 +243,14 @@ def test_context_encoding_follows_hflm(tokenizer):
     assert encode_context(tokenizer, "Question: hi there", 2) == tokenizer("Question: hi there")["input_ids"][-2:]
 
     class AddsBos:
-        bos_token = "<s>"
+        bos_token, bos_token_id = "<s>", 1
 
-        def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-            return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            return ([1] if add_special_tokens else []) + [ord(c) for c in text]
 
     assert encode_context(AddsBos(), "ab", 10) == [1, 97, 98]
     assert encode_context(AddsBos(), "<s>ab", 10) == [ord(c) for c in "<s>ab"]
+    assert encode_context(AddsBos(), "ab", 10, add_bos_token=False) == [97, 98]
 
 
 def test_chat_template_retries_without_system_messages(tokenizer):

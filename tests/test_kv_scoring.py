@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from pytest_llmgate.config import ModelSpec  # noqa: E402
 from pytest_llmgate.models import kv_scoring, load_backend, model_fingerprint  # noqa: E402
+from pytest_llmgate.models.batching import BatchSizer  # noqa: E402
 from pytest_llmgate.tasks import TASKS, TaskOptions  # noqa: E402
 
 
@@ -47,13 +48,12 @@ def shard_like_pairs(seed: int) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
-@pytest.mark.parametrize("budget", [kv_scoring.TOKEN_BUDGET, 150])
-def test_tiny_model_matches_full_forward(tiny_model: Any, monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
-    # A small token budget splits contexts and long choices into several passes.
-    monkeypatch.setattr(kv_scoring, "TOKEN_BUDGET", budget)
+@pytest.mark.parametrize("batch_size", ["auto", 2, 1])
+def test_tiny_model_matches_full_forward(tiny_model: Any, batch_size: int | str) -> None:
+    # Small batches split contexts and long choices into several passes.
     pairs = shard_like_pairs(0)
     with torch.inference_mode():
-        got = kv_scoring.KVScorer(tiny_model, "cpu").score(pairs)
+        got = kv_scoring.KVScorer(tiny_model, "cpu", BatchSizer(batch_size, "cpu")).score(pairs)
     expected = reference(tiny_model, pairs)
     assert [g for _, g in got] == [g for _, g in expected]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=2e-5)

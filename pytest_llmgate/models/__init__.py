@@ -18,7 +18,7 @@ from ..config import BUILTIN_SMOLLM2, ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 
 # Bump when the way log-likelihoods are computed changes: it is part of every fingerprint.
-SCORING_VERSION = "1"
+SCORING_VERSION = "2"  # 2: special tokens by the tokenizer's rule (lm-eval 0.4), was never
 # Bump when the way completions are generated changes: it is part of every generation result's cache key.
 GENERATION_VERSION = "1"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken")
@@ -134,6 +134,8 @@ def model_fingerprint(spec: ModelSpec, digest: DigestMemo = lambda p: file_sha25
         backend=spec.backend, dtype=spec.dtype, transform=dict(spec.transform or {}),
         max_length=spec.max_length, tokenizer=spec.tokenizer, scoring=SCORING_VERSION,
     )
+    if spec.add_bos_token is not None:
+        material["add_bos_token"] = spec.add_bos_token
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .batching import BatchSizer
+
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever lm-eval samples
 # generation_config fields with which transformers' generate (so lm-eval) would change greedy choices, and
 # their neutral values; a model that sets one is decoded without it, and the log says so.
@@ -102,13 +104,23 @@ def render_chat(tokenizer: Any, chat: Sequence[tuple[str, str]]) -> str:
         return str(tokenizer.apply_chat_template(without_system, tokenize=False, add_generation_prompt=True))
 
 
-def encode_context(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
-    """lm-eval's tok_batch_encode for a causal model: the tokenizer's special-token default unless
-    the text already starts with the BOS token, then the last ``max_tokens`` tokens."""
-    bos = getattr(tokenizer, "bos_token", None)
-    kwargs = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
-    tokens = list(tokenizer(text, **kwargs)["input_ids"])
-    return tokens[-max_tokens:]
+def encode_text(tokenizer: Any, text: str, marker: str | None, add_bos_token: bool | None) -> list[int]:
+    """lm-eval 0.4's special-token rule: no special tokens when the text already starts with ``marker``
+    (the BOS text, e.g. written by a chat template); else the tokenizer's default (a BOS for Llama-2,
+    Mistral, Gemma; none for GPT-2, Qwen, SmolLM2) unless ``add_bos_token`` says to add one or not."""
+    if add_bos_token is None and not (marker and text.startswith(marker)):
+        return list(tokenizer.encode(text))
+    tokens = list(tokenizer.encode(text, add_special_tokens=False))
+    bos = tokenizer.bos_token_id
+    if add_bos_token and bos is not None and not (marker and text.startswith(marker)):
+        return [bos, *tokens]
+    return tokens
+
+
+def encode_context(tokenizer: Any, text: str, max_tokens: int, add_bos_token: bool | None = None) -> list[int]:
+    """lm-eval's tok_batch_encode for a causal model (:func:`encode_text`; the marker is the tokenizer's
+    BOS token), then the last ``max_tokens`` tokens."""
+    return encode_text(tokenizer, text, getattr(tokenizer, "bos_token", None), add_bos_token)[-max_tokens:]
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -234,11 +246,13 @@ def warped_probabilities(logits: Any, temperature: float, top_p: float, top_k: i
 
 
 def generate_completions(model: Any, tokenizer: Any, contexts: Sequence[str], requests: Sequence[Any], *,
-                         device: str, max_length: int, batch_size: int) -> list[list[str]]:
+                         device: str, max_length: int, sizer: BatchSizer,
+                         add_bos_token: bool | None = None) -> list[list[str]]:
     """Completions of each request (``samples`` of them when sampling, one when greedy).
 
     ``contexts[i]`` is the text ``requests[i]`` is generated from (its chat template applied by the
-    caller). Rows run longest context first in batches of ``batch_size``, as lm-eval orders them.
+    caller). Rows run longest context first, as lm-eval orders them, in batches the ``sizer`` allows
+    (halved on out-of-memory).
     """
     import torch
 
@@ -267,7 +281,7 @@ def generate_completions(model: Any, tokenizer: Any, contexts: Sequence[str], re
         if room <= 0:
             raise ValueError(f"max_gen_toks {request.max_gen_toks} leaves no room for the context in the "
                              f"model's {max_length} tokens; lower max_gen_toks or raise the model's max_length")
-        prompt = tuple(encode_context(tokenizer, context, room))
+        prompt = tuple(encode_context(tokenizer, context, room, add_bos_token))
         stops = stop_strings(request.until, eos_text)
         sampled = request.temperature > 0
         for k in range(request.samples if sampled else 1):
@@ -278,10 +292,10 @@ def generate_completions(model: Any, tokenizer: Any, contexts: Sequence[str], re
     decoder = Decoder(model, device=device, pad_id=pad_id, eos_ids=eos_ids, decode=decode)
     texts: list[str] = [""] * len(rows)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            for r, tokens in zip(batch, decoder.run([rows[r] for r in batch]), strict=True):
-                texts[r] = cut_at_stops(decode(tokens), rows[r].stops)
+        outputs = sizer.run(order, lambda r: len(rows[r].prompt) + rows[r].max_new_tokens,
+                            lambda batch: decoder.run([rows[r] for r in batch]))
+    for r, tokens in zip(order, outputs, strict=True):
+        texts[r] = cut_at_stops(decode(tokens), rows[r].stops)
     completions: list[list[str]] = [[] for _ in requests]
     for r, (index, _) in enumerate(owner):
         completions[index].append(texts[r])

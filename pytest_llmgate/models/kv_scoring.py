@@ -21,8 +21,9 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+from .batching import BatchSizer
+
 MIN_SHARED_PREFIX = 8  # tokens; shorter shared prefixes are not worth a separate pass
-TOKEN_BUDGET = 16384  # cached tokens per forward pass (rows x length); bounds peak memory
 
 
 def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
@@ -44,7 +45,7 @@ def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
 class KVScorer:
     """Scores (context tokens, continuation tokens) pairs on a decoder-only transformers model."""
 
-    def __init__(self, model: Any, device: str) -> None:
+    def __init__(self, model: Any, device: str, sizer: BatchSizer | None = None) -> None:
         import torch
 
         self.torch = torch
@@ -52,6 +53,8 @@ class KVScorer:
         self.head = model.get_output_embeddings()
         self.config = model.config
         self.device = device
+        # Rows and cached tokens (rows x length) per pass: bounds peak memory, backs off on out-of-memory.
+        self.sizer = sizer or BatchSizer("auto", device)
         # transformers renamed ``past_key_values`` to ``cache`` in 5.x; accept either.
         parameters = inspect.signature(self.decoder.forward).parameters
         self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
@@ -90,13 +93,12 @@ class KVScorer:
             _, prefix_past = self._run(ids, torch.ones_like(ids), torch.arange(shared, device=self.device)[None], None)
         # Longest remaining context first: batches of similar length waste little padding.
         contexts.sort(key=lambda c: -len(c))
-        start = 0
-        while start < len(contexts):
-            width = len(contexts[start]) - shared
-            rows = max(1, min(len(contexts) - start, TOKEN_BUDGET // max(1, len(contexts[start]))))
-            batch = contexts[start:start + rows]
-            start += rows
-            self._score_batch(batch, by_context, encoded, shared, width, prefix_past, results)
+
+        def step(batch: Sequence[tuple[int, ...]]) -> Sequence[tuple[int, ...]]:
+            self._score_batch(list(batch), by_context, encoded, shared, len(batch[0]) - shared, prefix_past, results)
+            return batch
+
+        self.sizer.run(contexts, len, step)
         return [r if r is not None else (float("nan"), False) for r in results]
 
     def _score_batch(self, batch: list[tuple[int, ...]], by_context: dict[tuple[int, ...], list[int]],
@@ -135,7 +137,7 @@ class KVScorer:
         if not longer:
             return
         cached = shared + width
-        step = max(1, TOKEN_BUDGET // (cached + max(len(encoded[i][1]) for _, i in longer)))
+        step = self.sizer.take([cached + max(len(encoded[i][1]) for _, i in longer)] * len(longer))
         for begin in range(0, len(longer), step):
             chunk = longer[begin:begin + step]
             tail = max(len(encoded[i][1]) - 1 for _, i in chunk)

@@ -1,8 +1,8 @@
 """Hugging Face transformers backend: log-likelihoods computed the way lm-evaluation-harness 0.4 does.
 
 Tokenization follows lm-eval's HFLM: trailing spaces of the context move to the continuation, the
-pair is encoded whole and the continuation is what follows the context's tokens; no special tokens
-(lm-eval adds no BOS for these models); inputs are truncated on the left to max_length + 1 and the
+pair is encoded whole and the continuation is what follows the context's tokens; special tokens by
+the tokenizer's own rule, as lm-eval 0.4 (``_encode``); inputs are truncated on the left to max_length + 1 and the
 last token dropped. Only the continuation positions go through the output head, so memory does not
 grow with the vocabulary times the sequence length.
 """
@@ -17,6 +17,7 @@ from typing import Any
 from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 from . import ModelLoadError, resolve_local
+from .batching import BatchSizer
 
 log = logging.getLogger("pytest_llmgate")
 
@@ -101,8 +102,10 @@ class TransformersBackend:
              if getattr(config, a, None)), 2048)
         self.kv_reuse = True  # False: every request the plain way (the reference the tests compare with)
         self._kv: Any = None
+        self.sizer = BatchSizer(spec.batch_size, device)
         self.prefix_token_id = (
             self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id)
+        self._prefix_text = self.tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
 
     def _apply_transform(self, model: Any, checkpoint_dir: Path) -> Any:
         transform = self.spec.transform
@@ -126,7 +129,12 @@ class TransformersBackend:
         return quantize.load_vptq_model(checkpoint_dir, device="cpu")
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """lm-eval's tok_encode: the tokenizer's own special-token rule (a BOS for Llama-2, Mistral, Gemma;
+        none for GPT-2, Qwen, SmolLM2), ``add_bos_token`` when the config sets it, and none when the text
+        already starts with the prefix token's text (a chat template that writes the BOS itself)."""
+        from .generation import encode_text
+
+        return encode_text(self.tokenizer, text, self._prefix_text, self.spec.add_bos_token)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-eval's _encode_pair: (context tokens, continuation tokens)."""
@@ -156,7 +164,7 @@ class TransformersBackend:
             from .kv_scoring import KVScorer
 
             if self._kv is None:
-                self._kv = KVScorer(self.model, self.device)
+                self._kv = KVScorer(self.model, self.device, self.sizer)
             with self._torch.inference_mode():
                 for i, value in zip(fits, self._kv.score([encoded[i] for i in fits]), strict=True):
                     results[i] = value
@@ -168,45 +176,47 @@ class TransformersBackend:
 
     def _plain(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """lm-eval's way: each (context + continuation)[:-1] in full, longest first in batches."""
-        torch = self._torch
-        order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+        inputs = [(context + continuation)[-(self.max_length + 1):][:-1] for context, continuation in encoded]
+        order = sorted(range(len(encoded)), key=lambda i: -len(inputs[i]))
+        with self._torch.inference_mode():
+            values = self.sizer.run(order, lambda i: len(inputs[i]),
+                                    lambda rows: self._plain_batch([inputs[i] for i in rows],
+                                                                   [encoded[i][1] for i in rows]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
-        batch_size = self.spec.batch_size
-        decoder = self.model.get_decoder()
-        head = self.model.get_output_embeddings()
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
-                inputs = []
-                for i in rows:
-                    context, continuation = encoded[i]
-                    inputs.append((context + continuation)[-(self.max_length + 1):][:-1])
-                width = max(len(x) for x in inputs)
-                ids = torch.zeros((len(rows), width), dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, tokens in enumerate(inputs):
-                    ids[r, :len(tokens)] = torch.tensor(tokens)
-                    mask[r, :len(tokens)] = 1
-                hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-                # Gather only the positions that predict continuation tokens.
-                spans, targets = [], []
-                for r, i in enumerate(rows):
-                    continuation = encoded[i][1]
-                    length = len(inputs[r])
-                    spans.append(hidden[r, length - len(continuation):length])
-                    targets.append(torch.tensor(continuation, device=self.device))
-                logits = head(torch.cat(spans))
-                # As lm-eval: log_softmax in the logits' own dtype.
-                logprobs = torch.log_softmax(logits, dim=-1)
-                target = torch.cat(targets)
-                picked = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
-                greedy = logprobs.argmax(dim=-1) == target
-                offset = 0
-                for i, t in zip(rows, targets, strict=True):
-                    n = len(t)
-                    results[i] = (float(picked[offset:offset + n].sum()), bool(greedy[offset:offset + n].all()))
-                    offset += n
+        for i, value in zip(order, values, strict=True):
+            results[i] = value
         return results
+
+    def _plain_batch(self, inputs: Sequence[list[int]], continuations: Sequence[list[int]]
+                     ) -> list[tuple[float, bool]]:
+        torch = self._torch
+        width = max(len(x) for x in inputs)
+        ids = torch.zeros((len(inputs), width), dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for r, tokens in enumerate(inputs):
+            ids[r, :len(tokens)] = torch.tensor(tokens)
+            mask[r, :len(tokens)] = 1
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        # Gather only the positions that predict continuation tokens.
+        spans, targets = [], []
+        for r, continuation in enumerate(continuations):
+            length = len(inputs[r])
+            spans.append(hidden[r, length - len(continuation):length])
+            targets.append(torch.tensor(continuation, device=self.device))
+        logits = self.model.get_output_embeddings()(torch.cat(spans))
+        # As lm-eval: log_softmax in the logits' own dtype.
+        logprobs = torch.log_softmax(logits, dim=-1)
+        target = torch.cat(targets)
+        picked = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
+        greedy = logprobs.argmax(dim=-1) == target
+        out = []
+        offset = 0
+        for t in targets:
+            n = len(t)
+            out.append((float(picked[offset:offset + n].sum()), bool(greedy[offset:offset + n].all())))
+            offset += n
+        return out
 
     def _context_text(self, request: LoglikelihoodRequest | GenerationRequest) -> str:
         """The context the model sees: the request's text, or its chat messages through the chat template."""
@@ -221,7 +231,8 @@ class TransformersBackend:
         from .generation import generate_completions
 
         return generate_completions(self.model, self.tokenizer, [self._context_text(r) for r in requests], requests,
-                                    device=self.device, max_length=self.max_length, batch_size=self.spec.batch_size)
+                                    device=self.device, max_length=self.max_length, sizer=self.sizer,
+                                    add_bos_token=self.spec.add_bos_token)
 
     def close(self) -> None:
         """Drop the model (and the process's pristine copies) and free accelerator memory."""

@@ -192,6 +192,8 @@ class Task:
     fewshot_delimiter: ClassVar[str] = "\n\n"
     fewshot: ClassVar[FewShotSource | None] = None
     default_num_fewshot: ClassVar[int] = 0
+    # lm-eval's YAML pins num_fewshot (its --num_fewshot is ignored): so is the top-level num_fewshot here.
+    pins_num_fewshot: ClassVar[bool] = False
     # Bump when prompt building changes: it is part of the task version, so the cache misses.
     format_version: ClassVar[str] = "1"
     reference: ClassVar[str] = ""

@@ -125,7 +125,7 @@ def _load_from_hub(ref: DatasetRef) -> list[dict[str, Any]]:
     except ImportError:
         raise DatasetError(
             f"loading {ref.hub_path} from the hub needs the datasets package (pip install datasets); "
-            f"or pass --llmgate-data-dir with a folder holding {ref.folder}/{ref.split}.jsonl"
+            f"or pass --llmgate-data-dir with a folder holding {ref.folder}/{ref.local_split or ref.split}.jsonl"
         ) from None
     try:
         dataset = datasets.load_dataset(ref.hub_path, ref.hub_name, split=ref.split)
@@ -133,6 +133,6 @@ def _load_from_hub(ref: DatasetRef) -> list[dict[str, Any]]:
         raise DatasetError(
             f"could not load {ref.hub_path} ({ref.hub_name or 'default'}, split {ref.split}) from the "
             f"Hugging Face hub: {type(error).__name__}: {error}. Offline? Pass --llmgate-data-dir "
-            f"with a folder holding {ref.folder}/{ref.split}.jsonl in the hub's schema"
+            f"with a folder holding {ref.folder}/{ref.local_split or ref.split}.jsonl in the hub's schema"
         ) from None
     return [dict(row) for row in dataset]

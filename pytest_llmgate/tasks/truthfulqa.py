@@ -41,6 +41,9 @@ class _TruthfulQA(MultipleChoiceTask):
     default_metric = "acc"
     # Only the validation split exists: lm-eval draws examples from it, never the evaluated row.
     fewshot = FewShotSource(DATASET, exclude_eval_doc=True)
+    # lm-eval's YAMLs pin num_fewshot: 0 and its command line's --num_fewshot leaves them 0-shot: the
+    # top-level num_fewshot does too; [tool.llmgate.task.truthfulqa_mc2] num_fewshot = k builds k shots.
+    pins_num_fewshot = True
 
 
 class TruthfulQAMC1(_TruthfulQA):
