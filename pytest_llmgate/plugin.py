@@ -523,7 +523,7 @@ class GateController:
             for name, count in outcome["loads"].items():
                 loads[name] = max(loads.get(name, 0), count)
         self.rendered = render(decision, stats, exit_code=exit_code, harness_errors=self.harness_errors,
-                               models=models)
+                               models=models, cache=state.gate.cache_path is not None)
         if state.adaptive is not None:
             resolved = ", ".join(
                 f"{task} {v['decision']} after {v['items']} items" for task, v in state.adaptive.items())

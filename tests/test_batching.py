@@ -223,3 +223,15 @@ def test_add_bos_token_changes_the_fingerprint(tiny_folder: Path) -> None:
     plain = model_fingerprint(ModelSpec(name="m", path=str(tiny_folder)))
     assert model_fingerprint(ModelSpec(name="m", path=str(tiny_folder), add_bos_token=True)) != plain
     assert model_fingerprint(ModelSpec(name="m", path=str(tiny_folder), batch_size=3)) == plain
+
+
+def test_cpu_backends_share_untransformed_weights_and_copy_for_transforms(tiny_folder: Path, tmp_path: Path) -> None:
+    plain = backend_for(tiny_folder, tmp_path)
+    again = backend_for(tiny_folder, tmp_path)
+    assert again.model is plain.model  # one copy of the weights in memory, not one per backend
+    before = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    quantized = backend_for(tiny_folder, tmp_path, transform={"method": "rtn", "bits": 2, "group_size": 16})
+    assert quantized.model is not plain.model
+    changed = [k for k, v in quantized.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed  # the transform did change weights, on its own copy only
+    assert all(torch.equal(v, before[k]) for k, v in plain.model.state_dict().items())

@@ -26,6 +26,13 @@ def test_without_stage_items_are_skipped_with_the_reason(project):
     result.stdout.fnmatch_lines(["*benchmarks run with --stage=baseline*"])
 
 
+def test_baseline_without_cache_says_nothing_was_stored(project):
+    result = project.run("--stage=baseline", "--llmgate-no-cache")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*baseline evaluated: 20 items; the cache is off, so nothing was stored*"])
+    result.stdout.no_fnmatch_line("*in the cache*")
+
+
 def test_baseline_then_stage_evaluates_only_the_candidate(project):
     first = project.run("--stage=baseline", "--llmgate-report=report.json")
     assert first.ret == 0

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--workload", action="append", required=True)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default="auto")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
 

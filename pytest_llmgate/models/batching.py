@@ -17,7 +17,7 @@ from typing import TypeVar
 
 log = logging.getLogger("pytest_llmgate")
 
-CPU_ROWS, CPU_TOKENS = 64, 16384
+CPU_ROWS, CPU_TOKENS = 64, 2048
 GPU_ROWS, GPU_TOKENS = 512, 1 << 18
 
 T = TypeVar("T")

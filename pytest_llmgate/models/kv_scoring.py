@@ -69,7 +69,8 @@ class KVScorer:
                 cache.update(keys, values, layer)
         out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                            **{self.cache_arg: cache})
-        state = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        # transformers 5 returns ``cache`` (reading ``past_key_values`` logs a deprecation); 4.x the latter.
+        state = getattr(out, "cache", None) if self.cache_arg == "cache" else out.past_key_values
         return out.last_hidden_state, [(layer.keys, layer.values) for layer in state.layers]
 
     @staticmethod

@@ -31,7 +31,7 @@ def _torch_dtype(name: str) -> Any:
 
 
 # Every stage of a ladder usually starts from the same weights: read them (and the tokenizer) once
-# per process and hand each backend its own copy, instead of parsing the files again.
+# per process and hand each backend that changes them its own copy, instead of parsing the files again.
 _PRISTINE: dict[tuple[str, str | None, str, str | None], Any] = {}
 _TOKENIZERS: dict[tuple[str, str | None], Any] = {}
 
@@ -46,7 +46,10 @@ def _tokenizer(folder: Path, gguf_file: str | None) -> Any:
     return _TOKENIZERS[key]
 
 
-def _pretrained(folder: Path, gguf_file: str | None, dtype: str, revision: str | None) -> Any:
+def _pretrained(folder: Path, gguf_file: str | None, dtype: str, revision: str | None, *, private: bool) -> Any:
+    """The model read from ``folder``, once per process. ``private``: a copy the caller may change (a
+    transform, a move to a GPU); otherwise the process's shared copy itself, which saves the memory of a
+    second copy when the model is evaluated as it is on the CPU."""
     import copy
 
     import transformers
@@ -64,7 +67,7 @@ def _pretrained(folder: Path, gguf_file: str | None, dtype: str, revision: str |
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
         _PRISTINE[key] = model
-    return copy.deepcopy(_PRISTINE[key])
+    return copy.deepcopy(_PRISTINE[key]) if private else _PRISTINE[key]
 
 
 class TransformersBackend:
@@ -87,7 +90,9 @@ class TransformersBackend:
 
                 model = load_vptq_model(folder, device="cpu" if device == "cpu" else device)
             else:
-                model = _pretrained(folder, gguf_file, spec.dtype, revision)
+                # Evaluated as it is on the CPU, the model is never changed: no copy needed.
+                model = _pretrained(folder, gguf_file, spec.dtype, revision,
+                                    private=bool(spec.transform) or device != "cpu")
         except ModelLoadError:
             raise
         except Exception as error:

@@ -50,7 +50,7 @@ def stage_table(stats: Mapping[str, TaskStats], verdict: StageVerdict | None) ->
 
 
 def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: int,
-           harness_errors: int, models: Mapping[str, Any]) -> list[tuple[str, dict[str, bool]]]:
+           harness_errors: int, models: Mapping[str, Any], cache: bool = True) -> list[tuple[str, dict[str, bool]]]:
     """(line, markup) pairs for the terminal reporter."""
     out: list[tuple[str, dict[str, bool]]] = []
     for role, info in models.items():
@@ -58,8 +58,10 @@ def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: 
                     f"from cache {info['cached']}", {}))
     if decision.stage == BASELINE_STAGE:
         out += [(line, {}) for line in stage_table(stats, None)]
-        out.append((f"baseline recorded: {sum(s.n for s in stats.values())} items in the cache; "
-                    "run --stage=<stage> to gate a compressed model", {"green": True, "bold": True}))
+        n = sum(s.n for s in stats.values())
+        out.append((f"baseline recorded: {n} items in the cache; run --stage=<stage> to gate a compressed model"
+                    if cache else f"baseline evaluated: {n} items; the cache is off, so nothing was stored for a "
+                    "later --stage run", {"green": True, "bold": True}))
     for verdict in decision.stages:
         out.append(("", {}))
         out.append((f"stage {verdict.stage}: {verdict.verdict.upper()}", {"bold": True}))
