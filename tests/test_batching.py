@@ -162,7 +162,7 @@ def test_generation_survives_out_of_memory(tiny_folder: Path, tmp_path: Path, mo
     starved = backend_for(tiny_folder, tmp_path, batch_size=8)
     passes = fail_above(monkeypatch, starved, max_rows=3)
     assert starved.generate(requests) == expected
-    assert passes[0] == 7 and starved.sizer.rows <= 3
+    assert passes[0] == 7 and starved.generation_sizer.rows <= 3
 
 
 # --- configuration ----------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ from typing import TypeVar
 log = logging.getLogger("pytest_llmgate")
 
 CPU_ROWS, CPU_TOKENS = 64, 2048
+# Generation holds each row's cache for up to max_gen_toks steps: on the CPU, rows of a decoding batch
+# share every step's weight reads, so it gets a larger budget than a log-likelihood pass (measured).
+CPU_GENERATION_TOKENS = 16384
 GPU_ROWS, GPU_TOKENS = 512, 1 << 18
 
 T = TypeVar("T")
@@ -42,12 +45,12 @@ def is_out_of_memory(error: BaseException) -> bool:
 class BatchSizer:
     """The current rows-per-pass and tokens-per-pass limits of one backend."""
 
-    def __init__(self, batch_size: int | str, device: str) -> None:
+    def __init__(self, batch_size: int | str, device: str, *, cpu_tokens: int = CPU_TOKENS) -> None:
         gpu = device.startswith("cuda")
         self.auto = batch_size == "auto"
         self.device = device
         if self.auto:
-            self.rows, self.tokens = (GPU_ROWS, GPU_TOKENS) if gpu else (CPU_ROWS, CPU_TOKENS)
+            self.rows, self.tokens = (GPU_ROWS, GPU_TOKENS) if gpu else (CPU_ROWS, cpu_tokens)
         else:
             self.rows, self.tokens = int(batch_size), None
         self.backoffs = 0

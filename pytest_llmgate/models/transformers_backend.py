@@ -17,7 +17,7 @@ from typing import Any
 from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 from . import ModelLoadError, resolve_local
-from .batching import BatchSizer
+from .batching import CPU_GENERATION_TOKENS, BatchSizer
 
 log = logging.getLogger("pytest_llmgate")
 
@@ -108,6 +108,7 @@ class TransformersBackend:
         self.kv_reuse = True  # False: every request the plain way (the reference the tests compare with)
         self._kv: Any = None
         self.sizer = BatchSizer(spec.batch_size, device)
+        self.generation_sizer = BatchSizer(spec.batch_size, device, cpu_tokens=CPU_GENERATION_TOKENS)
         self.prefix_token_id = (
             self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id)
         self._prefix_text = self.tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
@@ -236,7 +237,7 @@ class TransformersBackend:
         from .generation import generate_completions
 
         return generate_completions(self.model, self.tokenizer, [self._context_text(r) for r in requests], requests,
-                                    device=self.device, max_length=self.max_length, sizer=self.sizer,
+                                    device=self.device, max_length=self.max_length, sizer=self.generation_sizer,
                                     add_bos_token=self.spec.add_bos_token)
 
     def close(self) -> None:
