@@ -18,7 +18,8 @@ from ..config import BUILTIN_SMOLLM2, ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 
 # Bump when the way log-likelihoods are computed changes: it is part of every fingerprint.
-SCORING_VERSION = "2"  # 2: special tokens by the tokenizer's rule (lm-eval 0.4), was never
+# 2: special tokens by the tokenizer's own rule, as lm-eval 0.4 (version 1 never added any).
+SCORING_VERSION = "2"
 # Bump when the way completions are generated changes: it is part of every generation result's cache key.
 GENERATION_VERSION = "1"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken")

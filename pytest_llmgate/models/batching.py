@@ -46,11 +46,9 @@ class BatchSizer:
     """The current rows-per-pass and tokens-per-pass limits of one backend."""
 
     def __init__(self, batch_size: int | str, device: str, *, cpu_tokens: int = CPU_TOKENS) -> None:
-        gpu = device.startswith("cuda")
-        self.auto = batch_size == "auto"
         self.device = device
-        if self.auto:
-            self.rows, self.tokens = (GPU_ROWS, GPU_TOKENS) if gpu else (CPU_ROWS, cpu_tokens)
+        if batch_size == "auto":
+            self.rows, self.tokens = (GPU_ROWS, GPU_TOKENS) if device.startswith("cuda") else (CPU_ROWS, cpu_tokens)
         else:
             self.rows, self.tokens = int(batch_size), None
         self.backoffs = 0

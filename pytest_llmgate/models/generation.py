@@ -108,13 +108,13 @@ def encode_text(tokenizer: Any, text: str, marker: str | None, add_bos_token: bo
     """lm-eval 0.4's special-token rule: no special tokens when the text already starts with ``marker``
     (the BOS text, e.g. written by a chat template); else the tokenizer's default (a BOS for Llama-2,
     Mistral, Gemma; none for GPT-2, Qwen, SmolLM2) unless ``add_bos_token`` says to add one or not."""
-    if add_bos_token is None and not (marker and text.startswith(marker)):
+    if marker and text.startswith(marker):
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    if add_bos_token is None:
         return list(tokenizer.encode(text))
     tokens = list(tokenizer.encode(text, add_special_tokens=False))
     bos = tokenizer.bos_token_id
-    if add_bos_token and bos is not None and not (marker and text.startswith(marker)):
-        return [bos, *tokens]
-    return tokens
+    return [bos, *tokens] if add_bos_token and bos is not None else tokens
 
 
 def encode_context(tokenizer: Any, text: str, max_tokens: int, add_bos_token: bool | None = None) -> list[int]:

@@ -42,6 +42,24 @@ def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
     return length
 
 
+def span_scores(head: Any, spans: Sequence[Any], targets: Sequence[Any]) -> list[tuple[float, bool]]:
+    """(summed log-probability, all greedy) of each target token row, from the hidden states that
+    predict it; one output-head pass over all spans, log_softmax in the logits' dtype as lm-eval."""
+    import torch
+
+    logprobs = torch.log_softmax(head(torch.cat(list(spans))), dim=-1)
+    target = torch.cat(list(targets))
+    picked = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
+    greedy = logprobs.argmax(dim=-1) == target
+    out = []
+    offset = 0
+    for t in targets:
+        n = len(t)
+        out.append((float(picked[offset:offset + n].sum()), bool(greedy[offset:offset + n].all())))
+        offset += n
+    return out
+
+
 class KVScorer:
     """Scores (context tokens, continuation tokens) pairs on a decoder-only transformers model."""
 
@@ -159,14 +177,6 @@ class KVScorer:
                 continuation = encoded[i][1]
                 spans.append(out[c, :len(continuation) - 1])
                 targets.append(torch.tensor(continuation[1:], device=device))
-            logprobs = torch.log_softmax(self.head(torch.cat(spans)), dim=-1)
-            target = torch.cat(targets)
-            picked = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
-            greedy = logprobs.argmax(dim=-1) == target
-            offset = 0
-            for (_, i), t in zip(chunk, targets, strict=True):
-                m = len(t)
+            for (_, i), (tail_ll, tail_greedy) in zip(chunk, span_scores(self.head, spans, targets), strict=True):
                 head_ll, head_greedy = partial[i]
-                results[i] = (head_ll + float(picked[offset:offset + m].sum()),
-                              head_greedy and bool(greedy[offset:offset + m].all()))
-                offset += m
+                results[i] = (head_ll + tail_ll, head_greedy and tail_greedy)

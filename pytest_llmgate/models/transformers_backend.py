@@ -18,6 +18,8 @@ from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 from . import ModelLoadError, resolve_local
 from .batching import CPU_GENERATION_TOKENS, BatchSizer
+from .generation import encode_text, generate_completions, render_chat
+from .kv_scoring import KVScorer, span_scores
 
 log = logging.getLogger("pytest_llmgate")
 
@@ -138,8 +140,6 @@ class TransformersBackend:
         """lm-eval's tok_encode: the tokenizer's own special-token rule (a BOS for Llama-2, Mistral, Gemma;
         none for GPT-2, Qwen, SmolLM2), ``add_bos_token`` when the config sets it, and none when the text
         already starts with the prefix token's text (a chat template that writes the BOS itself)."""
-        from .generation import encode_text
-
         return encode_text(self.tokenizer, text, self._prefix_text, self.spec.add_bos_token)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -167,8 +167,6 @@ class TransformersBackend:
         fits = [i for i, (c, t) in enumerate(encoded) if self.kv_reuse and len(c) + len(t) <= self.max_length + 1]
         results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
         if fits:
-            from .kv_scoring import KVScorer
-
             if self._kv is None:
                 self._kv = KVScorer(self.model, self.device, self.sizer)
             with self._torch.inference_mode():
@@ -210,32 +208,16 @@ class TransformersBackend:
             length = len(inputs[r])
             spans.append(hidden[r, length - len(continuation):length])
             targets.append(torch.tensor(continuation, device=self.device))
-        logits = self.model.get_output_embeddings()(torch.cat(spans))
-        # As lm-eval: log_softmax in the logits' own dtype.
-        logprobs = torch.log_softmax(logits, dim=-1)
-        target = torch.cat(targets)
-        picked = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
-        greedy = logprobs.argmax(dim=-1) == target
-        out = []
-        offset = 0
-        for t in targets:
-            n = len(t)
-            out.append((float(picked[offset:offset + n].sum()), bool(greedy[offset:offset + n].all())))
-            offset += n
-        return out
+        return span_scores(self.model.get_output_embeddings(), spans, targets)
 
     def _context_text(self, request: LoglikelihoodRequest | GenerationRequest) -> str:
         """The context the model sees: the request's text, or its chat messages through the chat template."""
         if request.chat is None:
             return request.context
-        from .generation import render_chat
-
         return render_chat(self.tokenizer, request.chat)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[str]]:
         """Completions per request, as lm-eval's HFLM.generate_until (see ``generation``)."""
-        from .generation import generate_completions
-
         return generate_completions(self.model, self.tokenizer, [self._context_text(r) for r in requests], requests,
                                     device=self.device, max_length=self.max_length, sizer=self.generation_sizer,
                                     add_bos_token=self.spec.add_bos_token)

@@ -27,6 +27,11 @@ class DatasetRef:
     folder: str
     local_split: str | None = None  # the file's name in a local folder when it differs from the split
 
+    @property
+    def local_name(self) -> str:
+        """The file name (without suffix) of this split in ``data_dir/<folder>/``."""
+        return self.local_split or self.split
+
 @dataclass(frozen=True)
 class LoadedSplit:
     """The rows of one split, with a hash of their content and where they came from."""
@@ -48,7 +53,7 @@ def content_hash(rows: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> str
 def local_candidates(ref: DatasetRef, data_dir: Path) -> list[Path]:
     """The files that may hold ``ref`` under ``data_dir``, in order of preference."""
     folder = data_dir / ref.folder
-    name = ref.local_split or ref.split
+    name = ref.local_name
     found = [folder / f"{name}.jsonl", folder / f"{name}.parquet"]
     found += sorted(folder.glob(f"{name}-*.parquet"))
     return [path for path in found if path.is_file()]
@@ -101,7 +106,7 @@ def load_split(ref: DatasetRef, data_dir: Path | None) -> LoadedSplit:
             )
         paths = local_candidates(ref, data_dir)
         if not paths:
-            expected = data_dir / ref.folder / f"{ref.local_split or ref.split}.jsonl"
+            expected = data_dir / ref.folder / f"{ref.local_name}.jsonl"
             raise DatasetError(
                 f"no data for split '{ref.split}' of {ref.hub_path}: expected "
                 f"{expected} (or .parquet) in the hub's schema; "
@@ -125,7 +130,7 @@ def _load_from_hub(ref: DatasetRef) -> list[dict[str, Any]]:
     except ImportError:
         raise DatasetError(
             f"loading {ref.hub_path} from the hub needs the datasets package (pip install datasets); "
-            f"or pass --llmgate-data-dir with a folder holding {ref.folder}/{ref.local_split or ref.split}.jsonl"
+            f"or pass --llmgate-data-dir with a folder holding {ref.folder}/{ref.local_name}.jsonl"
         ) from None
     try:
         dataset = datasets.load_dataset(ref.hub_path, ref.hub_name, split=ref.split)
@@ -133,6 +138,6 @@ def _load_from_hub(ref: DatasetRef) -> list[dict[str, Any]]:
         raise DatasetError(
             f"could not load {ref.hub_path} ({ref.hub_name or 'default'}, split {ref.split}) from the "
             f"Hugging Face hub: {type(error).__name__}: {error}. Offline? Pass --llmgate-data-dir "
-            f"with a folder holding {ref.folder}/{ref.local_split or ref.split}.jsonl in the hub's schema"
+            f"with a folder holding {ref.folder}/{ref.local_name}.jsonl in the hub's schema"
         ) from None
     return [dict(row) for row in dataset]
