@@ -31,6 +31,8 @@ def test_auto_limits_by_device() -> None:
     assert (cpu.rows, cpu.tokens) == (CPU_ROWS, CPU_TOKENS)
     gpu = BatchSizer("auto", "cuda:0")
     assert gpu.rows > cpu.rows and gpu.tokens > cpu.tokens
+    # Generation's prefill is split into CPU-sized passes on the CPU only.
+    assert (cpu.pass_tokens, gpu.pass_tokens) == (CPU_TOKENS, None)
     fixed = BatchSizer(8, "cuda:0")
     assert (fixed.rows, fixed.tokens) == (8, None)
     # The token limit binds for long rows, the row limit for short ones; never fewer than one row.
@@ -152,6 +154,33 @@ def test_loglikelihoods_survive_out_of_memory(tiny_folder: Path, tmp_path: Path,
     got = starved.loglikelihood(LL_REQUESTS)
 
     assert max(passes) > 2 and starved.sizer.backoffs >= 1 and starved.sizer.rows <= 2
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=2e-5)
+
+
+def test_choice_passes_back_off_below_one_context(tiny_folder: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out-of-memory error in the pass over a context's longer choices (a few new tokens on a long
+    cache) splits the choices, even when the context batch is already a single row (one item: one context)."""
+    one_item = LL_REQUESTS[:4]
+    expected = backend_for(tiny_folder, tmp_path).loglikelihood(one_item)
+    starved = backend_for(tiny_folder, tmp_path)
+    decoder = starved.model.get_decoder()
+    original = decoder.forward
+    choice_passes: list[int] = []
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        rows, width = kwargs["input_ids"].shape
+        if width <= 6:  # the choice passes: contexts here are longer than six tokens after the shared prefix
+            choice_passes.append(rows)
+            if rows > 1:
+                raise simulated_oom(rows)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", forward)
+    got = starved.loglikelihood(one_item)
+    assert choice_passes[0] > 1 and choice_passes[-1] == 1 and starved.sizer.backoffs >= 1
     assert [g for _, g in got] == [g for _, g in expected]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=2e-5)
 

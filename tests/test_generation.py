@@ -126,6 +126,29 @@ def test_finished_rows_leave_the_batch(tiny, prompts, frequent_eos):
     assert sum(batch_sizes) == sum(passes)
 
 
+def test_prefill_in_groups_of_rows_decodes_as_one_prefill(tiny, prompts, frequent_eos):
+    reference = hf_generate(tiny, prompts, frequent_eos)
+    width = max(len(p) for p in prompts)
+    grouped = Decoder(tiny, device="cpu", pad_id=0, eos_ids=frozenset([frequent_eos]), decode=lambda t: "",
+                      prefill_tokens=2 * width)  # two rows per prefill pass: groups padded and unpadded
+    shapes = []
+    forward = tiny.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    tiny.forward = spy
+    try:
+        with torch.inference_mode():
+            rows = grouped.run([DecodeRow(tuple(p), N_NEW, ()) for p in prompts])
+    finally:
+        del tiny.forward
+    assert rows == reference
+    assert shapes[:3] == [(2, width)] * 3  # three prefill passes of two rows, then one step for all six
+    assert shapes[3] == (len(prompts), 1)
+
+
 def test_stop_strings_end_a_row_and_the_text_is_cut_as_lm_eval_cuts_it(tiny, tokenizer, prompts):
     contexts = [tokenizer.decode(p) for p in prompts[:4]]
     free = generate_completions(tiny, tokenizer, contexts, [GenerationRequest(c, ()) for c in contexts],

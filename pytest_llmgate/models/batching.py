@@ -51,6 +51,8 @@ class BatchSizer:
             self.rows, self.tokens = (GPU_ROWS, GPU_TOKENS) if device.startswith("cuda") else (CPU_ROWS, cpu_tokens)
         else:
             self.rows, self.tokens = int(batch_size), None
+        # Tokens per forward pass inside a batch that holds more (generation's prefill); None: no limit.
+        self.pass_tokens: int | None = None if device.startswith("cuda") else CPU_TOKENS
         self.backoffs = 0
 
     def take(self, widths: Sequence[int]) -> int:

@@ -13,8 +13,11 @@ lm-eval runs ``model.generate``, which keeps computing rows that are already don
 stops as soon as its decoded text holds a stop string (the cut text is the same: lm-eval cuts at
 the first occurrence too) or it emits EOS, and finished rows leave the batch. Inputs match what
 ``generate`` feeds the model step by step: left padding, the attention mask (dropped when nothing is
-padded, as ``generate`` drops it), position ids counted from the first real token, one prefill pass
-with only the last position's logits, then one token per step on the cache.
+padded, as ``generate`` drops it), position ids counted from the first real token, a prefill with only
+the last position's logits, then one token per step on the cache. The prefill runs the batch's rows in
+groups of at most ``prefill_tokens`` tokens (on the CPU, the log-likelihood pass size) whose caches are
+joined for decoding: a prefill's transient attention and MLP tensors grow with its tokens, the cache
+only with the rows, so decoding keeps its large batch without a large prefill peak.
 
 Sampling (``temperature > 0``) warps the logits as transformers' sampling does with lm-eval's
 arguments: temperature, then top-k 50 (``generate``'s default, which lm-eval leaves in place), then
@@ -142,7 +145,7 @@ class Decoder:
     """Batched greedy or sampled decoding of token rows on one causal LM with a key/value cache."""
 
     def __init__(self, model: Any, *, device: str, pad_id: int, eos_ids: frozenset[int],
-                 decode: Callable[[list[int]], str]) -> None:
+                 decode: Callable[[list[int]], str], prefill_tokens: int | None = None) -> None:
         import torch
 
         self._torch = torch
@@ -151,6 +154,7 @@ class Decoder:
         self.pad_id = pad_id
         self.eos_ids = eos_ids
         self.decode = decode
+        self.prefill_tokens = prefill_tokens
         parameters = inspect.signature(model.forward).parameters
         # transformers 5 names the cache argument ``cache``; 4.x ``past_key_values``.
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
@@ -164,6 +168,39 @@ class Decoder:
         out = self.model(**kwargs)
         new_cache = out.cache if self._cache_arg == "cache" else out.past_key_values
         return out.logits[:, -1, :].float(), new_cache
+
+    def _prefill(self, ids: Any, mask: Any, positions: Any) -> tuple[Any, Any]:
+        """Last-position logits and the cache of every row, computed in groups of rows that keep each pass
+        within ``prefill_tokens``; the groups' caches are joined into one for decoding."""
+        torch = self._torch
+        rows, width = ids.shape
+        per_pass = rows if self.prefill_tokens is None else max(1, self.prefill_tokens // width)
+        if per_pass >= rows:
+            return self._forward(ids, None if bool(mask.all()) else mask, positions, None)
+        logits = []
+        joined: list[tuple[Any, Any]] = []
+        for begin in range(0, rows, per_pass):
+            part = slice(begin, begin + per_pass)
+            part_mask = mask[part]
+            part_logits, part_cache = self._forward(ids[part], None if bool(part_mask.all()) else part_mask,
+                                                    positions[part], None)
+            logits.append(part_logits)
+            for layer, state in enumerate(part_cache.layers):
+                if begin == 0:
+                    joined.append((state.keys.new_empty((rows, *state.keys.shape[1:])),
+                                   state.values.new_empty((rows, *state.values.shape[1:]))))
+                joined[layer][0][part] = state.keys
+                joined[layer][1][part] = state.values
+            del part_cache
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(joined)):
+            keys, values = joined[layer]
+            joined[layer] = (None, None)  # the cache takes its own copy: hold one layer twice at most
+            cache.update(keys, values, layer)
+            del keys, values
+        return torch.cat(logits), cache
 
     def run(self, rows: Sequence[DecodeRow]) -> list[list[int]]:
         """The new tokens of each row (EOS excluded); rows are decoded together as one batch."""
@@ -185,7 +222,7 @@ class Decoder:
         generators = [torch.Generator().manual_seed(row.seed) if row.temperature > 0 else None for row in rows]
         generated: list[list[int]] = [[] for _ in rows]
         active = list(range(len(rows)))  # original row index of each batch row
-        logits, cache = self._forward(ids, mask if padded else None, positions, None)
+        logits, cache = self._prefill(ids, mask, positions)
         while True:
             picked = self._pick(logits, [rows[i] for i in active], [generators[i] for i in active])
             keep = []
@@ -289,7 +326,8 @@ def generate_completions(model: Any, tokenizer: Any, contexts: Sequence[str], re
                                   request.top_p, sample_seed(request.seed, k) if sampled else 0))
             owner.append((index, context))
     order = sorted(range(len(rows)), key=lambda r: (-len(rows[r].prompt), owner[r][1], r))
-    decoder = Decoder(model, device=device, pad_id=pad_id, eos_ids=eos_ids, decode=decode)
+    decoder = Decoder(model, device=device, pad_id=pad_id, eos_ids=eos_ids, decode=decode,
+                      prefill_tokens=sizer.pass_tokens)
     texts: list[str] = [""] * len(rows)
     with torch.inference_mode():
         outputs = sizer.run(order, lambda r: len(rows[r].prompt) + rows[r].max_new_tokens,

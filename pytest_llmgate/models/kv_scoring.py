@@ -21,7 +21,7 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from .batching import BatchSizer
+from .batching import BatchSizer, is_out_of_memory
 
 MIN_SHARED_PREFIX = 8  # tokens; shorter shared prefixes are not worth a separate pass
 
@@ -156,22 +156,17 @@ class KVScorer:
         if not longer:
             return
         cached = shared + width
-        step = self.sizer.take([cached + max(len(encoded[i][1]) for _, i in longer)] * len(longer))
-        for begin in range(0, len(longer), step):
-            chunk = longer[begin:begin + step]
-            tail = max(len(encoded[i][1]) - 1 for _, i in chunk)
-            tokens = torch.zeros((len(chunk), tail), dtype=torch.long)
-            chunk_mask = torch.zeros((len(chunk), cached + tail), dtype=torch.long)
-            chunk_positions = torch.zeros((len(chunk), tail), dtype=torch.long)
-            for c, (r, i) in enumerate(chunk):
-                rest = encoded[i][1][:-1]
-                tokens[c, :len(rest)] = torch.tensor(rest)
-                chunk_mask[c, :cached] = mask[r]
-                chunk_mask[c, cached:cached + len(rest)] = 1
-                chunk_positions[c] = shared + lengths[r] + torch.arange(tail)
-            rows = torch.tensor([r for r, _ in chunk], device=cache[0][0].device)
-            out, _ = self._run(tokens.to(device), chunk_mask.to(device), chunk_positions.to(device),
-                               self._rows(cache, rows))
+        widest = cached + max(len(encoded[i][1]) for _, i in longer)
+        begin = 0
+        while begin < len(longer):
+            chunk = longer[begin:begin + self.sizer.take([widest] * (len(longer) - begin))]
+            try:
+                out = self._continue(chunk, encoded, mask, cache, shared, lengths)
+            except Exception as error:  # out of memory: fewer choices per pass (one choice: the caller's turn)
+                if not is_out_of_memory(error):
+                    raise
+                self.sizer.shrink(len(chunk), widest, error)
+                continue
             spans, targets = [], []
             for c, (_, i) in enumerate(chunk):
                 continuation = encoded[i][1]
@@ -180,3 +175,25 @@ class KVScorer:
             for (_, i), (tail_ll, tail_greedy) in zip(chunk, span_scores(self.head, spans, targets), strict=True):
                 head_ll, head_greedy = partial[i]
                 results[i] = (head_ll + tail_ll, head_greedy and tail_greedy)
+            begin += len(chunk)
+
+    def _continue(self, chunk: Sequence[tuple[int, int]], encoded: Sequence[tuple[list[int], list[int]]],
+                  mask: Any, cache: list[tuple[Any, Any]], shared: int, lengths: Sequence[int]) -> Any:
+        """Hidden states of each (batch row, request) continuation's tokens but its last, run on a copy of its
+        row's context cache."""
+        torch = self.torch
+        cached = mask.shape[1]
+        tail = max(len(encoded[i][1]) - 1 for _, i in chunk)
+        tokens = torch.zeros((len(chunk), tail), dtype=torch.long)
+        chunk_mask = torch.zeros((len(chunk), cached + tail), dtype=torch.long)
+        chunk_positions = torch.zeros((len(chunk), tail), dtype=torch.long)
+        for c, (r, i) in enumerate(chunk):
+            rest = encoded[i][1][:-1]
+            tokens[c, :len(rest)] = torch.tensor(rest)
+            chunk_mask[c, :cached] = mask[r]
+            chunk_mask[c, cached:cached + len(rest)] = 1
+            chunk_positions[c] = shared + lengths[r] + torch.arange(tail)
+        rows = torch.tensor([r for r, _ in chunk], device=cache[0][0].device)
+        out, _ = self._run(tokens.to(self.device), chunk_mask.to(self.device), chunk_positions.to(self.device),
+                           self._rows(cache, rows))
+        return out
