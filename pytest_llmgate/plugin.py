@@ -7,7 +7,9 @@ Heavy imports (torch, transformers) happen inside the engine, never at import ti
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,12 @@ class RunState:
     # --llmgate-adaptive: task -> {"decision", "items"} once resolved; shared with xdist workers via a file.
     adaptive: dict[str, dict[str, Any]] | None = None
     adaptive_file: Path | None = None
+    frozen: bool = False  # gc.freeze() after collection; undone by the last cleanup
+
+    def unfreeze(self) -> None:
+        if self.frozen:
+            gc.unfreeze()
+            self.frozen = False
 
 
 STATE = pytest.StashKey[RunState]()
@@ -164,6 +172,7 @@ def _load_gate_config(config: pytest.Config) -> tuple[GateConfig, dict[str, Task
     return gate, tasks
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     """Validate the configuration once and set up this process's role."""
     config.addinivalue_line(
@@ -221,6 +230,34 @@ def pytest_configure(config: pytest.Config) -> None:
             config.pluginmanager.register(
                 XdistShardPlugin(gate.shard_size, state.adaptive_file), "llmgate-xdist")
     config.stash[STATE] = state
+    # Registered before the other plugins' cleanups (this configure runs first), so it runs after them:
+    # pytest's own garbage-collector passes at exit still skip what collection froze.
+    config.add_cleanup(state.unfreeze)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Generator[None, object, object]:
+    """Collect without the cyclic garbage collector, then freeze what collection built.
+
+    A full benchmark is tens of thousands of items, each with its prompts: millions of live objects,
+    which every full garbage-collector pass walks again (measured: 13 passes, 1.75 s of a 5.2 s
+    collection of 30,000 items). They live until the session ends, so they are collected neither
+    during collection nor after it: ``gc.freeze`` keeps later passes (the run's, pytest's at exit)
+    from walking them; the session's cleanup unfreezes them. Only in projects that use llmgate.
+    """
+    state = session.config.stash.get(STATE, None)
+    if state is None or (state.gate.source is None and state.stage is None):
+        return (yield)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        if enabled:
+            gc.enable()
+        if gc.get_freeze_count() == 0:  # not already frozen by an outer session (pytester in-process)
+            gc.freeze()
+            state.frozen = True
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

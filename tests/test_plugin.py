@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from gateproject import make_project
 
@@ -229,3 +231,25 @@ def test_plan_reads_the_cache_and_evaluates_nothing(project):
     result.stdout.fnmatch_lines([f"arc_challenge*20*{base_score:.3f} (20)*{discordance:.3f}*  {needed}*"])
     with_n = project.run("--stage=mild", "--llmgate-plan", "-n", "2")
     assert with_n.ret == 4
+
+
+def test_report_has_one_line_per_item_and_collection_leaves_the_garbage_collector_as_it_was(project, monkeypatch):
+    import gc
+
+    calls = []
+    for name in ("freeze", "unfreeze"):
+        real = getattr(gc, name)
+        monkeypatch.setattr(gc, name, lambda real=real, name=name: (calls.append(name), real())[1])
+    gc.unfreeze()  # what this suite's own session froze: a session freezes only when nothing is frozen
+    calls.clear()
+    result = project.run("--stage=mild", "--llmgate-report=report.json")
+    assert result.ret in (0, 10, 11)
+    # Collection froze its objects; the session's cleanup unfroze them and the collector is back on.
+    assert calls == ["freeze", "unfreeze"]
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    text = (project.path / "report.json").read_text()
+    report = project.report()
+    item_lines = [line for line in text.splitlines() if line.startswith('  {"task": ')]
+    assert len(item_lines) == len(report["items"]) == 20
+    assert [json.loads(line.rstrip(",")) for line in item_lines] == report["items"]
+    assert '\n "verdict": ' in text  # the rest stays indented

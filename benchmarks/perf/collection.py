@@ -69,9 +69,16 @@ def project(folder: Path, data_dir: Path, tasks: list[str], backend: str | None)
     return folder
 
 
+# Plugins of the development environment that have nothing to do with a benchmark run: hypothesis (the test
+# suite's) imports itself for its terminal summary, about 1 s of every pytest process here. --with-all-plugins
+# keeps them.
+UNRELATED_PLUGINS = ["-p", "no:hypothesispytest", "-p", "no:anyio"]
+PLUGINS: list[str] = []
+
+
 def timed(arguments: list[str], cwd: Path) -> tuple[float, str]:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *arguments], cwd=cwd,
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *PLUGINS, *arguments], cwd=cwd,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode not in (0, 5):
@@ -89,7 +96,10 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/llmgate-collect"))
     parser.add_argument("--repeat", type=int, default=3, help="runs of each collection; the fastest counts")
+    parser.add_argument("--with-all-plugins", action="store_true",
+                        help="keep the environment's unrelated pytest plugins (hypothesis, anyio) loaded")
     args = parser.parse_args()
+    PLUGINS[:] = [] if args.with_all_plugins else UNRELATED_PLUGINS
     data_dir = args.data_dir.resolve()
     everything = LOGLIKELIHOOD + GENERATION + CODE
 

@@ -146,9 +146,14 @@ def our_project(args: argparse.Namespace, workload: Workload, dtype: str, folder
     return folder
 
 
+# Plugins of the development environment that a gate's run does not use: hypothesis (the test suite's) imports
+# itself for its terminal summary, 1.3 s of every run here; lm-eval's side has no pytest at all.
+UNRELATED_PLUGINS = ("-p", "no:hypothesispytest", "-p", "no:anyio")
+
+
 def pytest_command(report: Path) -> list[str]:
     return [sys.executable, "-m", "pytest", "--stage=baseline", f"--llmgate-report={report}", "-q",
-            "-p", "no:cacheprovider"]
+            "-p", "no:cacheprovider", *UNRELATED_PLUGINS]
 
 
 def run_ours(args: argparse.Namespace, workload: Workload, dtype: str, folder: Path) -> Run:
