@@ -103,17 +103,19 @@ def timed(command: list[str], cwd: Path, log: Path, env: dict[str, str] | None =
 
 # --- lm-eval's side ------------------------------------------------------------------------------
 
-def run_lm_eval(args: argparse.Namespace, workload: Workload, dtype: str, out: Path) -> Run:
+def run_lm_eval(args: argparse.Namespace, workload: Workload, dtype: str, out: Path,
+                batch_size: str | None = None) -> Run:
     include = args.fidelity_dir / ("gen_tasks" if workload.task == "gsm8k" else "tasks")
     command = [
         str(args.lm_eval), "--model", "hf",
         "--model_args", f"pretrained={args.fidelity_dir / 'smollm2-hf'},dtype={dtype}",
         "--tasks", ",".join(workload.lm_eval_tasks(args.mmlu_subjects)), "--include_path", str(include),
-        "--device", "cpu", "--batch_size", str(args.lm_eval_batch_size), "--limit", str(workload.items),
+        "--device", "cpu", "--batch_size", str(batch_size or args.lm_eval_batch_size), "--limit", str(workload.items),
         "--num_fewshot", str(workload.shots), "--log_samples", "--output_path", str(out),
     ]
-    (out.parent / "lm_eval_command.txt").write_text(shlex.join(command) + "\n")
-    return timed(command, out.parent, out.parent / "lm_eval.log", {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    stem = "lm_eval" if batch_size is None else out.name
+    (out.parent / f"{stem}_command.txt").write_text(shlex.join(command) + "\n")
+    return timed(command, out.parent, out.parent / f"{stem}.log", {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
 
 
 # --- our side ------------------------------------------------------------------------------------
@@ -176,17 +178,13 @@ def our_records(report: Path) -> dict[tuple[str, int], dict[str, Any]]:
 
 def agreement(workload: Workload, subjects: Sequence[str], lm_eval_out: Path, report: Path) -> dict[str, Any]:
     ours = our_records(report)
+    theirs = lm_eval_records(workload, subjects, lm_eval_out)
     if workload.task == "gsm8k":
-        theirs = compare_generation.read_lm_eval(compare_generation.samples_file(lm_eval_out, "gsm8k"))
         keys = sorted(theirs)
         same_raw = sum(theirs[d].completion == ours[("", d)]["completion"] for d in keys)
         same = sum(theirs[d].extracted == {"strict-match": ours[("", d)]["extracted_strict"],
                                            "flexible-extract": ours[("", d)]["extracted_flexible"]} for d in keys)
         return {"items": len(keys), "same": same, "detail": f"answers {same}/{len(keys)}, raw {same_raw}/{len(keys)}"}
-    theirs: dict[tuple[str, int], Any] = {}
-    for name in workload.lm_eval_tasks(subjects):
-        group = name.removeprefix("mmlu_").removesuffix("_local") if workload.task == "mmlu" else ""
-        theirs |= compare_lm_eval.read_lm_eval(compare_lm_eval.samples_file(lm_eval_out, name), group)
     keys = sorted(theirs)
     missing = [k for k in keys if k not in ours]
     if missing:
@@ -203,6 +201,29 @@ def agreement(workload: Workload, subjects: Sequence[str], lm_eval_out: Path, re
         ties += compare_lm_eval.top_two_gap(a.loglikelihoods) < NEAR_TIE
         diff = max(diff, *(abs(x - y) for x, y in zip(a.loglikelihoods, b["loglikelihoods"], strict=True)))
     return {"items": len(keys), "same": same, "detail": f"max |dLL| {diff:.1e}, near-ties {ties}"}
+
+
+def lm_eval_records(workload: Workload, subjects: Sequence[str], out: Path) -> dict[Any, Any]:
+    """lm-eval's per-item records of one run: GSM8K by doc id, log-likelihood tasks by (subject, doc id)."""
+    if workload.task == "gsm8k":
+        return dict(compare_generation.read_lm_eval(compare_generation.samples_file(out, "gsm8k")))
+    records: dict[Any, Any] = {}
+    for name in workload.lm_eval_tasks(subjects):
+        group = name.removeprefix("mmlu_").removesuffix("_local") if workload.task == "mmlu" else ""
+        records |= compare_lm_eval.read_lm_eval(compare_lm_eval.samples_file(out, name), group)
+    return records
+
+
+def self_agreement(workload: Workload, subjects: Sequence[str], first: Path, second: Path) -> str:
+    """How often lm-eval agrees with itself across two batch sizes: the dtype's own noise floor."""
+    a, b = lm_eval_records(workload, subjects, first), lm_eval_records(workload, subjects, second)
+    keys = sorted(a)
+    if workload.task == "gsm8k":
+        same = sum(a[k].completion == b[k].completion for k in keys)
+        return f"{same}/{len(keys)} raw completions"
+    same = sum(a[k].prediction == b[k].prediction and a[k].prediction_norm == b[k].prediction_norm for k in keys)
+    diff = max(abs(x - y) for k in keys for x, y in zip(a[k].loglikelihoods, b[k].loglikelihoods, strict=True))
+    return f"{same}/{len(keys)} predictions, max |dLL| {diff:.1e}"
 
 
 # --- harness overhead ----------------------------------------------------------------------------
@@ -267,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mmlu-subjects", type=lambda s: tuple(s.split(",")), default=SUBJECTS)
     parser.add_argument("--lm-eval-batch-size", default="16")
     parser.add_argument("--overhead", action="append", default=[], metavar="WORKLOAD")
+    parser.add_argument("--self-check", metavar="BATCH",
+                        help="also run lm-eval at this batch size and report how often it agrees with itself")
     args = parser.parse_args(argv)
     args.fidelity_dir = args.fidelity_dir.resolve()
     dtypes = args.dtype or ["float32"]
@@ -293,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{n / theirs.seconds:.2f} | {n / ours.seconds:.2f} | {theirs.seconds / ours.seconds:.2f}x | "
                   f"{check['same']}/{n} | {check['detail']} | {theirs.peak_mib:.0f} / {ours.peak_mib:.0f} |",
                   flush=True)
+            if args.self_check:
+                again = folder / f"lm_eval_b{args.self_check}"
+                if run_lm_eval(args, workload, dtype, again, args.self_check).returncode == 0:
+                    print(f"|  | lm-eval batch {args.lm_eval_batch_size} vs batch {args.self_check}: "
+                          f"{self_agreement(workload, args.mmlu_subjects, lm_eval_out, again)} |", flush=True)
         for text in args.overhead:
             overhead(args, Workload.parse(text), dtype)
     return 0
