@@ -80,8 +80,28 @@ def hf_generate(model: Any, prompts: list[list[int]], eos: int, max_new: int = N
     return rows
 
 
-def decoder(model: Any, eos: int, decode: Any = lambda tokens: "") -> Decoder:
-    return Decoder(model, device="cpu", pad_id=0, eos_ids=frozenset([eos]), decode=decode)
+def decoder(model: Any, eos: int, decode: Any = lambda tokens: "", prefill_tokens: int | None = None) -> Decoder:
+    return Decoder(model, device="cpu", pad_id=0, eos_ids=frozenset([eos]), decode=decode,
+                   prefill_tokens=prefill_tokens)
+
+
+def decode_recording_passes(run: Decoder, prompts: list[list[int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """The decoder's new tokens for ``prompts``, and the (rows, tokens) shape of each forward pass it made."""
+    model = run.model
+    forward = model.forward
+    shapes: list[tuple[int, int]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    try:
+        with torch.inference_mode():
+            rows = run.run([DecodeRow(tuple(p), N_NEW, ()) for p in prompts])
+    finally:
+        del model.forward
+    return rows, shapes
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +125,8 @@ def test_greedy_batch_equals_generate_row_by_row_and_alone(tiny, prompts, freque
 
 
 def test_finished_rows_leave_the_batch(tiny, prompts, frequent_eos):
-    batch_sizes = []
-    run = decoder(tiny, frequent_eos)
-    forward = tiny.forward
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        batch_sizes.append(kwargs["input_ids"].shape[0])
-        return forward(*args, **kwargs)
-
-    tiny.forward = spy
-    try:
-        with torch.inference_mode():
-            rows = run.run([DecodeRow(tuple(p), N_NEW, ()) for p in prompts])
-    finally:
-        del tiny.forward
+    rows, shapes = decode_recording_passes(decoder(tiny, frequent_eos), prompts)
+    batch_sizes = [rows_in_pass for rows_in_pass, _ in shapes]
     # A row takes part in the prefill and every step until it emits EOS or its last allowed token.
     passes = [min(len(r) + 1, N_NEW) for r in rows]
     assert len(batch_sizes) == max(passes) and batch_sizes[0] == len(prompts)
@@ -129,21 +137,8 @@ def test_finished_rows_leave_the_batch(tiny, prompts, frequent_eos):
 def test_prefill_in_groups_of_rows_decodes_as_one_prefill(tiny, prompts, frequent_eos):
     reference = hf_generate(tiny, prompts, frequent_eos)
     width = max(len(p) for p in prompts)
-    grouped = Decoder(tiny, device="cpu", pad_id=0, eos_ids=frozenset([frequent_eos]), decode=lambda t: "",
-                      prefill_tokens=2 * width)  # two rows per prefill pass: groups padded and unpadded
-    shapes = []
-    forward = tiny.forward
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        shapes.append(tuple(kwargs["input_ids"].shape))
-        return forward(*args, **kwargs)
-
-    tiny.forward = spy
-    try:
-        with torch.inference_mode():
-            rows = grouped.run([DecodeRow(tuple(p), N_NEW, ()) for p in prompts])
-    finally:
-        del tiny.forward
+    # Two rows per prefill pass: groups padded and unpadded.
+    rows, shapes = decode_recording_passes(decoder(tiny, frequent_eos, prefill_tokens=2 * width), prompts)
     assert rows == reference
     assert shapes[:3] == [(2, width)] * 3  # three prefill passes of two rows, then one step for all six
     assert shapes[3] == (len(prompts), 1)

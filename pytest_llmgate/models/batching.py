@@ -47,12 +47,13 @@ class BatchSizer:
 
     def __init__(self, batch_size: int | str, device: str, *, cpu_tokens: int = CPU_TOKENS) -> None:
         self.device = device
+        gpu = device.startswith("cuda")
         if batch_size == "auto":
-            self.rows, self.tokens = (GPU_ROWS, GPU_TOKENS) if device.startswith("cuda") else (CPU_ROWS, cpu_tokens)
+            self.rows, self.tokens = (GPU_ROWS, GPU_TOKENS) if gpu else (CPU_ROWS, cpu_tokens)
         else:
             self.rows, self.tokens = int(batch_size), None
         # Tokens per forward pass inside a batch that holds more (generation's prefill); None: no limit.
-        self.pass_tokens: int | None = None if device.startswith("cuda") else CPU_TOKENS
+        self.pass_tokens: int | None = None if gpu else CPU_TOKENS
         self.backoffs = 0
 
     def take(self, widths: Sequence[int]) -> int:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import BatchSizer
+from .kv_scoring import layered_cache
 
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever lm-eval samples
 # generation_config fields with which transformers' generate (so lm-eval) would change greedy choices, and
@@ -192,15 +193,9 @@ class Decoder:
                 joined[layer][0][part] = state.keys
                 joined[layer][1][part] = state.values
             del part_cache
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        for layer in range(len(joined)):
-            keys, values = joined[layer]
-            joined[layer] = (None, None)  # the cache takes its own copy: hold one layer twice at most
-            cache.update(keys, values, layer)
-            del keys, values
-        return torch.cat(logits), cache
+        # The cache copies each layer it takes: hand the layers over one by one, so that at most one is held twice.
+        handed_over = (joined.pop(0) for _ in range(len(joined)))
+        return torch.cat(logits), layered_cache(self.model.config, handed_over)
 
     def run(self, rows: Sequence[DecodeRow]) -> list[list[int]]:
         """The new tokens of each row (EOS excluded); rows are decoded together as one batch."""

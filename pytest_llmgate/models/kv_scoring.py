@@ -18,7 +18,7 @@ full forward pass, so log-likelihoods agree to float rounding (tests pin the tol
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .batching import BatchSizer, is_out_of_memory
@@ -60,6 +60,16 @@ def span_scores(head: Any, spans: Sequence[Any], targets: Sequence[Any]) -> list
     return out
 
 
+def layered_cache(config: Any, layers: Iterable[tuple[Any, Any]]) -> Any:
+    """A transformers ``DynamicCache`` holding each layer's (keys, values), in order; empty for none."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
+
+
 class KVScorer:
     """Scores (context tokens, continuation tokens) pairs on a decoder-only transformers model."""
 
@@ -79,12 +89,7 @@ class KVScorer:
 
     # --- caches as plain per-layer (keys, values) tensors ---------------------------------------
     def _run(self, ids: Any, mask: Any, positions: Any, past: list[tuple[Any, Any]] | None) -> tuple[Any, Any]:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.config)
-        if past is not None:
-            for layer, (keys, values) in enumerate(past):
-                cache.update(keys, values, layer)
+        cache = layered_cache(self.config, past or ())
         out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                            **{self.cache_arg: cache})
         # transformers 5 returns ``cache`` (reading ``past_key_values`` logs a deprecation); 4.x the latter.

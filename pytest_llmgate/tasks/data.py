@@ -32,6 +32,7 @@ class DatasetRef:
         """The file name (without suffix) of this split in ``data_dir/<folder>/``."""
         return self.local_split or self.split
 
+
 @dataclass(frozen=True)
 class LoadedSplit:
     """The rows of one split, with a hash of their content and where they came from."""
