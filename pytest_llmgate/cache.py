@@ -7,6 +7,7 @@ transaction, so a worker that dies mid-shard leaves the finished shards intact a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -18,6 +19,11 @@ from typing import Any
 from .models import file_sha256
 
 SCHEMA_VERSION = 1
+FIX_HINT = "delete or move it, point --llmgate-cache at another file, or run with --llmgate-no-cache"
+
+
+class CacheError(Exception):
+    """The result cache cannot be used; the message names the file and the fix."""
 
 
 def result_key(*, fingerprint: str, task_version: str, prompt_hash: str, params: Mapping[str, Any],
@@ -35,14 +41,45 @@ class ResultCache:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._connection: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file this connection opened
+        self.read_only = False  # the file can be read but not written: results are not stored
+        self.notes: list[str] = []  # what went wrong with the cache during the run, for the summary
+
+    def check(self) -> None:
+        """Open the cache now, so an unusable file stops the run before anything is computed (CacheError)."""
+        self.connection  # noqa: B018 - opening is the check
+
+    def _explain(self, error: BaseException) -> CacheError:
+        reason = getattr(error, "strerror", None) or str(error)
+        if isinstance(error, sqlite3.DatabaseError) and "not a database" in str(error):
+            reason = "it is not a SQLite database (another program's file, or a damaged cache)"
+        return CacheError(f"llmgate cache {self.path}: {reason}; {FIX_HINT}")
+
+    def _open_identity(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino
 
     @property
     def connection(self) -> sqlite3.Connection:
-        """The process's connection, creating the database on first use."""
+        """The process's connection, creating the database on first use (CacheError when it cannot)."""
         if self._connection is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, timeout=120, isolation_level=None)
-            connection.execute("PRAGMA busy_timeout = 120000")
+            if self.path.is_dir():
+                raise CacheError(f"llmgate cache {self.path}: is a folder, not a file; {FIX_HINT}")
+            try:
+                self._connection = self._connect()
+            except (sqlite3.Error, OSError) as error:
+                raise self._explain(error) from None
+            self._identity = self._open_identity()
+        return self._connection
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+        connection.execute("PRAGMA busy_timeout = 120000")
+        try:
             self._retry(lambda: connection.execute("PRAGMA journal_mode = WAL"))
             self._retry(lambda: connection.executescript(
                 """
@@ -56,8 +93,33 @@ class ResultCache:
                     key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL);
                 """
             ))
-            self._connection = connection
-        return self._connection
+            self._retry(lambda: connection.execute("BEGIN IMMEDIATE"))  # can this process write?
+            connection.execute("ROLLBACK")
+        except sqlite3.OperationalError as error:
+            if "readonly" not in str(error):
+                connection.close()
+                raise
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            self._become_read_only()
+        connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # a file that is not a database fails here
+        return connection
+
+    def _become_read_only(self) -> None:
+        self.read_only = True
+        self._note(f"llmgate cache {self.path} is read-only: results are read from it, but this run's "
+                   "results are not stored (make it writable, or point --llmgate-cache at a writable file)")
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
+    def _follow_file(self) -> None:
+        """Reopen when the file was deleted or replaced since it was opened: writing on would store nothing."""
+        if self._connection is not None and self._open_identity() != self._identity:
+            self.close()
+            self._note(f"llmgate cache {self.path} was deleted or replaced during the run; later results were "
+                       "stored in a new file there (results stored in the old file before that went with it)")
 
     @staticmethod
     def _retry(action: Any, attempts: int = 20) -> Any:
@@ -75,18 +137,32 @@ class ResultCache:
         """Decoded values of ``table`` for the keys that are present, 500 keys per query."""
         keys = list(keys)
         found: dict[str, Any] = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for key, value in self.connection.execute(
-                    f"SELECT key, value FROM {table} WHERE key IN ({marks})", chunk):
-                found[key] = json.loads(value)
+        self._follow_file()
+        try:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for key, value in self.connection.execute(
+                        f"SELECT key, value FROM {table} WHERE key IN ({marks})", chunk):
+                    found[key] = json.loads(value)
+        except sqlite3.OperationalError as error:
+            if self.read_only and "no such table" in str(error):
+                return found  # a read-only cache written by an older version: nothing of that kind stored
+            raise self._explain(error) from None
+        except (sqlite3.Error, ValueError) as error:
+            raise self._explain(error) from None
         return found
 
-    def _insert(self, sql: str, payload: list[tuple[Any, ...]]) -> None:
-        """Insert ``payload`` rows in one transaction: a crash stores all of them or none."""
+    def _insert(self, sql: str, payload: list[tuple[Any, ...]]) -> bool:
+        """Insert ``payload`` rows in one transaction: a crash stores all of them or none.
+
+        False when the cache is read-only (nothing stored); CacheError when the write fails.
+        """
         if not payload:
-            return
+            return True
+        if self.read_only:
+            return False
+        self._follow_file()
 
         def write() -> None:
             connection = self.connection
@@ -98,17 +174,26 @@ class ResultCache:
                 connection.execute("ROLLBACK")
                 raise
 
-        self._retry(write)
+        try:
+            self._retry(write)
+        except sqlite3.OperationalError as error:
+            if "readonly" not in str(error):  # a read-only file in WAL mode opens for writing and fails here
+                raise self._explain(error) from None
+            self._become_read_only()
+            return False
+        except (sqlite3.Error, OSError) as error:
+            raise self._explain(error) from None
+        return True
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Stored values for the keys that are present."""
         return self._select("results", keys)
 
-    def put_many(self, rows: Iterable[tuple[str, str, str, Any]]) -> None:
-        """Store (key, model fingerprint, task version, value) rows in one transaction."""
+    def put_many(self, rows: Iterable[tuple[str, str, str, Any]]) -> bool:
+        """Store (key, model fingerprint, task version, value) rows in one transaction; False when read-only."""
         now = time.time()
         payload = [(key, model, version, json.dumps(value), now) for key, model, version, value in rows]
-        self._insert("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", payload)
+        return self._insert("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", payload)
 
     def count(self, model: str | None = None) -> int:
         """Number of stored results, for one model fingerprint or all."""
@@ -137,13 +222,17 @@ class ResultCache:
         return self._select("verdicts", keys)
 
     def put_verdicts(self, verdicts: Mapping[str, Mapping[str, Any]]) -> None:
-        """Store sandbox verdicts by key, in one transaction."""
+        """Store sandbox verdicts by key, in one transaction (a failure is noted, never raised: they are a speed-up)."""
         now = time.time()
-        self._insert("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?)",
-                     [(key, json.dumps(dict(value)), now) for key, value in verdicts.items()])
+        try:
+            self._insert("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?)",
+                         [(key, json.dumps(dict(value)), now) for key, value in verdicts.items()])
+        except CacheError as error:
+            self._note(f"{error} (sandbox verdicts of this run were not stored)")
 
     def close(self) -> None:
         """Close this process's connection."""
         if self._connection is not None:
-            self._connection.close()
+            with contextlib.suppress(sqlite3.Error):
+                self._connection.close()
             self._connection = None

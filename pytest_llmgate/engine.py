@@ -7,13 +7,14 @@ items. It never decides pass or fail.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cache import ResultCache, result_key
+from .cache import CacheError, ResultCache, result_key
 from .config import ModelSpec
 from .models import GENERATION_VERSION, Backend, load_backend, model_fingerprint, pick_device
 from .tasks.base import GenerationRequest, Request, TaskItem
@@ -32,6 +33,7 @@ class SideResult:
 
     results: list[Any]
     cached: bool
+    stored: bool = True  # in the result cache after this run (False: cache off, read-only or failing)
 
 
 @dataclass
@@ -49,6 +51,20 @@ class Engine:
     _backends: dict[str, Backend] = field(default_factory=dict)
     _memo: dict[tuple[str, str], SideResult] = field(default_factory=dict)
     _failed: dict[tuple[str, str], str] = field(default_factory=dict)  # (fingerprint, item) -> error
+    _cache_notes: list[str] = field(default_factory=list)  # why the cache stopped being used, if it did
+
+    @property
+    def notes(self) -> list[str]:
+        """What went wrong with the result cache in this process (empty when nothing did)."""
+        return [*self._cache_notes, *(self.cache.notes if self.cache is not None else [])]
+
+    def _drop_cache(self, error: CacheError) -> None:
+        """Go on without the cache: every result of this run stays in memory and in the reports."""
+        self._cache_notes.append(f"{error}; the run went on without the cache from then on (nothing computed "
+                                 "is lost: the results are in this run's reports)")
+        if self.cache is not None:
+            self.cache.close()
+        self.cache = None
 
     def register(self, shard: str, item: TaskItem, task_version: str) -> None:
         """Declare that ``item`` (of ``task_version``) belongs to ``shard`` in this process."""
@@ -58,8 +74,13 @@ class Engine:
         """The model fingerprint of ``role``, computed once per process."""
         if role not in self._fingerprints:
             spec = self.roles[role]
-            self._fingerprints[role] = (
-                model_fingerprint(spec, self.cache.file_digest) if self.cache is not None else model_fingerprint(spec))
+            fingerprint = None
+            if self.cache is not None:
+                try:
+                    fingerprint = model_fingerprint(spec, self.cache.file_digest)
+                except CacheError as error:
+                    self._drop_cache(error)
+            self._fingerprints[role] = fingerprint or model_fingerprint(spec)
         return self._fingerprints[role]
 
     def backend(self, role: str) -> Backend:
@@ -96,7 +117,12 @@ class Engine:
             raise ShardError(f"{item.task} {item.item_id} was not registered in shard {shard}")
         todo = [(i, v) for i, v in members if (fingerprint, i.qualified_id) not in self._memo]
         keys = {i.qualified_id: _key(fingerprint, i, version) for i, version in todo}
-        found = self.cache.get_many(keys.values()) if self.cache is not None else {}
+        found = {}
+        if self.cache is not None:
+            try:
+                found = self.cache.get_many(keys.values())
+            except CacheError as error:
+                self._drop_cache(error)
         missing = []
         for i, version in todo:
             name = i.qualified_id
@@ -146,13 +172,18 @@ class Engine:
         rows = []
         offset = 0
         for item, version, key in missing:
-            values = outputs[offset:offset + len(item.requests)]
+            rows.append((key, fingerprint, version, outputs[offset:offset + len(item.requests)]))
             offset += len(item.requests)
-            self._memo[(fingerprint, item.qualified_id)] = SideResult(values, cached=False)
-            rows.append((key, fingerprint, version, values))
         # One transaction per batch: a crash later loses nothing already stored.
+        stored = False
         if self.cache is not None:
-            self.cache.put_many(rows)
+            try:
+                stored = self.cache.put_many(rows)
+            except CacheError as error:
+                self._drop_cache(error)
+        # Kept in memory whether or not the cache took them: a failing cache never costs a computed result.
+        for (item, _, _), (_, _, _, values) in zip(missing, rows, strict=True):
+            self._memo[(fingerprint, item.qualified_id)] = SideResult(values, cached=False, stored=stored)
 
     @staticmethod
     def _loglikelihoods(backend: Backend, requests: list[Request]) -> list[list[Any]]:
@@ -160,7 +191,15 @@ class Engine:
         outputs = backend.loglikelihood(requests)  # type: ignore[arg-type]
         if len(outputs) != len(requests):
             raise ShardError(f"backend returned {len(outputs)} results for {len(requests)} requests")
-        return [[float(ll), bool(greedy)] for ll, greedy in outputs]
+        values = [[float(ll), bool(greedy)] for ll, greedy in outputs]
+        for request, (ll, _) in zip(requests, values, strict=True):
+            # -inf (a continuation the model gives probability 0) is an answer; NaN or a positive value is a bug.
+            if math.isnan(ll) or ll > 1e-3:
+                raise ShardError(
+                    f"backend returned the log-likelihood {ll!r} for the continuation {request.continuation[:40]!r}; "
+                    "a log-probability is a number <= 0 (NaN usually means overflow in float16: try "
+                    "dtype = 'float32' or 'bfloat16')")
+        return values
 
     def _generations(self, role: str, backend: Backend, requests: list[GenerationRequest]) -> list[list[str]]:
         """The completions of each generation request (one when greedy, ``samples`` when sampling)."""
@@ -188,7 +227,7 @@ class Engine:
             return {}
         fingerprint = self.fingerprint(role)
         keys = {_key(fingerprint, item, version): item.qualified_id for item, version in members if item.error is None}
-        return {keys[key]: value for key, value in self.cache.get_many(keys).items()}
+        return {keys[key]: value for key, value in self.cache.get_many(keys).items()} if self.cache else {}
 
     def close(self) -> None:
         """Release every loaded model and the cache connection."""

@@ -23,6 +23,7 @@ class ItemOutcome:
     sides: Mapping[str, Mapping[str, Any]]
     worker: str
     loads: Mapping[str, int]
+    notes: tuple[str, ...] = ()  # what went wrong with this process's result cache so far
 
     @property
     def candidates(self) -> list[str]:
@@ -58,5 +59,5 @@ class ItemOutcome:
             "task": self.task, "doc_id": int(self.doc_id), "id": self.item_id, "metric": self.metric,
             "gold": int(self.gold), "chance": float(self.chance), "status": self.status,
             "sides": {role: dict(side) for role, side in self.sides.items()},
-            "worker": self.worker, "loads": dict(self.loads),
+            "worker": self.worker, "loads": dict(self.loads), "notes": list(self.notes),
         }

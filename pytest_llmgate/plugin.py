@@ -7,15 +7,18 @@ Heavy imports (torch, transformers) happen inside the engine, never at import ti
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from . import EXIT_UNCHECKED
+from .cache import CacheError
 from .config import (
     ALL_STAGES,
     BASELINE_STAGE,
@@ -67,19 +70,38 @@ OUTCOME = pytest.StashKey[dict[str, Any]]()
 
 
 def _positive_int(text: str) -> int:
+    """argparse type: a positive integer (argparse names the option in its error)."""
     try:
         value = int(text)
     except ValueError:
-        raise pytest.UsageError(f"expected a positive integer, got {text!r}") from None
+        value = 0
     if value <= 0:
-        raise pytest.UsageError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer (e.g. 50), got {text!r}")
     return value
+
+
+def _open_fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1 (e.g. 0.05), got {text!r}")
+    return value
+
+
+def _stage_name(text: str) -> str:
+    """argparse type: a non-empty stage name."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected 'baseline', a stage name from the config, or 'all'; got nothing")
+    return text.strip()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Options of the llmgate group; the run-wide ones also as ini keys."""
     group = parser.getgroup("llmgate", "LLM benchmark gates (pytest-llmgate)")
-    group.addoption("--stage", dest="llmgate_stage", default=None, metavar="NAME",
+    group.addoption("--stage", dest="llmgate_stage", type=_stage_name, default=None, metavar="NAME",
                     help="evaluate benchmarks: 'baseline' records the reference model, a stage name gates "
                          "that stage's model, 'all' runs the ladder and picks the most compressed passing stage")
     group.addoption("--llmgate-report", dest="llmgate_report", default=None, metavar="PATH",
@@ -104,9 +126,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="evaluate nothing: from the cached baseline (and candidate, when cached) print per task the "
                          "smallest retention drop the paired test detects at this many items, and the items needed "
                          "for --llmgate-plan-drop")
-    group.addoption("--llmgate-plan-drop", dest="llmgate_plan_drop", type=float, default=0.05, metavar="D",
+    group.addoption("--llmgate-plan-drop", dest="llmgate_plan_drop", type=_open_fraction, default=0.05, metavar="D",
                     help="relative retention drop to plan for (default 0.05)")
-    group.addoption("--llmgate-plan-power", dest="llmgate_plan_power", type=float, default=0.8, metavar="P",
+    group.addoption("--llmgate-plan-power", dest="llmgate_plan_power", type=_open_fraction, default=0.8, metavar="P",
                     help="power to plan for (default 0.8)")
     group.addoption("--llmgate-adaptive", dest="llmgate_adaptive", action="store_true",
                     help="evaluate shards in a seeded random order and stop a task once an anytime-valid "
@@ -162,6 +184,10 @@ def _load_gate_config(config: pytest.Config) -> tuple[GateConfig, dict[str, Task
     elif config.getoption("llmgate_cache"):
         changes["cache_path"] = Path(config.getoption("llmgate_cache")).resolve()
     gate = replace(gate, **changes)
+    if gate.data_dir is not None and not gate.data_dir.is_dir():
+        where = "--llmgate-data-dir" if data_dir else "[tool.llmgate].data_dir"
+        raise ConfigError(f"llmgate config: {where}: {gate.data_dir} is not a folder; point it at the benchmark data "
+                          "(one folder per task, in the hub's schema), or leave it out to load from the hub")
     tasks = {}
     for name, task in registry.items():
         try:
@@ -196,9 +222,11 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     base = gate.source.parent if gate.source is not None else config.rootpath
     report = _option(config, "llmgate_report")
+    report_path = Path(report).resolve() if report else None
+    if report_path is not None and workerinput is None:
+        _check_report_path(report_path)
     state = RunState(
-        gate=gate, stage=stage, roles=roles, work_dir=base / ".llmgate",
-        report_path=Path(report).resolve() if report else None,
+        gate=gate, stage=stage, roles=roles, work_dir=base / ".llmgate", report_path=report_path,
         worker=workerinput["workerid"] if workerinput else "main", tasks=tasks,
     )
     if config.getoption("llmgate_adaptive"):
@@ -215,6 +243,10 @@ def pytest_configure(config: pytest.Config) -> None:
         worker_index = int(state.worker[2:]) if state.worker.startswith("gw") else None
         cache = ResultCache(gate.cache_path) if gate.cache_path is not None else None
         if cache is not None:
+            try:
+                cache.check()  # an unusable cache stops the run here, before anything is computed
+            except CacheError as error:
+                raise ConfigError(str(error)) from None
             from .tasks.coding import use_verdict_store
 
             # Code tasks keep sandbox verdicts next to the results: a warm run executes nothing.
@@ -233,6 +265,21 @@ def pytest_configure(config: pytest.Config) -> None:
     # Registered before the other plugins' cleanups (this configure runs first), so it runs after them:
     # pytest's own garbage-collector passes at exit still skip what collection froze.
     config.add_cleanup(state.unfreeze)
+
+
+def _check_report_path(path: Path) -> None:
+    """A report that cannot be written is a usage error before anything is evaluated, not a lost verdict after."""
+    if path.is_dir():
+        raise ConfigError(f"llmgate: --llmgate-report {path} is a folder; give a file path such as "
+                          f"{path / 'llmgate.json'}")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"llmgate: --llmgate-report {path}: {folder} is a file, so the report cannot be written "
+                          "there; choose another path")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"llmgate: --llmgate-report {path}: {folder} is not writable; choose another path")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -420,12 +467,13 @@ def llmgate_outcome(request: pytest.FixtureRequest, llmgate_item: TaskItem | Non
     for role in state.roles:
         result = state.engine.result(role, shard, llmgate_item)
         side = task.score(llmgate_item, result.results)
-        side.update(cached=result.cached, model=state.roles[role].name, fingerprint=state.engine.fingerprint(role))
+        side.update(cached=result.cached, stored=result.stored, model=state.roles[role].name,
+                    fingerprint=state.engine.fingerprint(role))
         sides[role] = side
     outcome = ItemOutcome(
         task=task.name, doc_id=llmgate_item.doc_id, item_id=llmgate_item.item_id, metric=metric,
         gold=llmgate_item.gold, chance=task.chance(llmgate_item), sides=sides, worker=state.worker,
-        loads=dict(state.engine.loads))
+        loads=dict(state.engine.loads), notes=tuple(state.engine.notes))
     request.node.stash[OUTCOME] = outcome.as_dict()
     return outcome
 
@@ -482,6 +530,9 @@ class GateController:
         self.adaptive_skipped = 0
         # task -> item id -> outcome, in arrival order (a re-run item keeps its first place, as in the tally)
         self.arrivals: dict[str, dict[str, dict[str, Any]]] = {}
+        self.interrupted = False
+        self.crashed: list[str] = []  # node ids of items whose xdist worker died while running them
+        self.report_error: str | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Collect outcomes and count harness errors of llmgate items."""
@@ -495,6 +546,15 @@ class GateController:
                 self._check_adaptive(outcome["task"])
         elif getattr(report, "llmgate_item", False) and report.failed and report.when == "setup":
             self.harness_errors += 1
+
+    def pytest_keyboard_interrupt(self) -> None:
+        """Ctrl-C (or a KeyboardInterrupt from a backend): the run is not complete, whatever ran."""
+        self.interrupted = True
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_handlecrashitem(self, crashitem: str) -> None:
+        """pytest-xdist: a worker died while running ``crashitem``; xdist reports that item as failed."""
+        self.crashed.append(crashitem)
 
     def _check_adaptive(self, task: str) -> None:
         """Stop ``task`` once the confidence sequence on its items so far resolves the retention floor."""
@@ -523,6 +583,37 @@ class GateController:
             temporary.write_text(json.dumps(state.adaptive))
             os.replace(temporary, state.adaptive_file)
 
+    def _unchecked(self, stats: Mapping[str, Any], stages: list[str]) -> list[str]:
+        """What the gate could not check: configured rules whose tasks had no evaluated item."""
+        state = self.state
+        nothing = [] if stats else [
+            "no benchmark item ran: no test marked @pytest.mark.llmgate was collected under the given paths, or "
+            "-k / -m / --llmgate-tasks deselected them all (gate a subset of tasks with --llmgate-tasks=A,B)"]
+        if state.stage == BASELINE_STAGE:
+            return nothing
+        gate = state.gate
+        needed: dict[str, str] = {}
+        for task in gate.tasks:
+            needed.setdefault(task, "--llmgate-tasks" if self.config.getoption("llmgate_tasks")
+                              else "[tool.llmgate].tasks")
+        for name in stages:
+            for task in gate.stage(name).tasks:
+                needed.setdefault(task, f"stage '{name}' thresholds for {task}")
+        for rule in gate.critical:
+            for task in rule.tasks:
+                needed.setdefault(task, f"the rule '{rule.label}'")
+        missing = []
+        for task, why in needed.items():
+            st = stats.get(task)
+            absent = [role for role in (BASELINE_STAGE, *stages) if st is None or role not in st.scores]
+            if st is None:
+                missing.append(f"{task} not checked: no item ran, but {why} needs it (no collected benchmark "
+                               "module declares it, or -k / -m deselected its items)")
+            elif absent:
+                missing.append(f"{task} not checked: no item has results of {', '.join(absent)}, but {why} "
+                               "needs them")
+        return nothing + missing
+
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         """Decide the verdict, write the report, escalate the exit status (never lower it)."""
@@ -538,28 +629,41 @@ class GateController:
             self.rendered = plan_lines(self.plan)
             session.exitstatus = 0  # every item was deselected on purpose
             return
-        if not self.tally.outcomes and not self.harness_errors:
+        if self.config.option.collectonly:
             return
         stats = self.tally.task_stats(state.gate.confidence)
         decision = decide_run(state.gate, state.stage, stats, adaptive=state.adaptive)
         if state.adaptive_file is not None:
             state.adaptive_file.unlink(missing_ok=True)
+        unchecked = self._unchecked(stats, [v.stage for v in decision.stages])
+        problems = list(unchecked)
+        if self.harness_errors:
+            problems.append(f"{self.harness_errors} item(s) hit harness errors (see the errors above)")
+        for nodeid in self.crashed:
+            problems.append(f"an xdist worker died while running {nodeid}: pytest counts that item as failed; "
+                            "the worker was replaced and the rest of its shard ran on, so the figures cover "
+                            "every other item")
+        if self.interrupted or session.shouldstop or session.shouldfail:
+            problems.append("the run was stopped before every selected item ran (interrupted, -x or --maxfail)")
         exit_code = int(session.exitstatus)
         if exit_code == 0:
-            exit_code = decision.exit_code
+            exit_code = EXIT_UNCHECKED if unchecked else decision.exit_code
             session.exitstatus = exit_code
         items = self.tally.ordered()
         models: dict[str, dict[str, Any]] = {}
         workers: dict[str, dict[str, int]] = {}
+        notes: list[str] = []
         for outcome in items:
             for role, side in outcome["sides"].items():
                 info = models.setdefault(role, {"name": side["model"], "fingerprint": side["fingerprint"],
-                                                "evaluated": 0, "cached": 0})
+                                                "evaluated": 0, "cached": 0, "stored": 0})
                 info["cached" if side["cached"] else "evaluated"] += 1
+                info["stored"] += bool(side.get("stored", side["cached"]))
             loads = workers.setdefault(outcome["worker"], {})
             for name, count in outcome["loads"].items():
                 loads[name] = max(loads.get(name, 0), count)
-        self.rendered = render(decision, stats, exit_code=exit_code, harness_errors=self.harness_errors,
+            notes.extend(note for note in outcome.get("notes", ()) if note not in notes)
+        self.rendered = render(decision, stats, exit_code=exit_code, problems=problems, notes=notes,
                                models=models, cache=state.gate.cache_path is not None)
         if state.adaptive is not None:
             resolved = ", ".join(
@@ -567,10 +671,16 @@ class GateController:
             self.rendered.insert(0, (f"llmgate adaptive: {resolved or 'no task resolved early'}; "
                                      f"{self.adaptive_skipped} items skipped", {"bold": True}))
         if state.report_path is not None:
-            write_report(state.report_path, build_report(
-                decision=decision, exit_code=exit_code, stats=stats, items=items, models=models,
-                workers=workers, harness_errors=self.harness_errors, chance_margin=state.gate.chance_margin,
-                policy=state.gate.policy, adaptive=state.adaptive, skipped=self.adaptive_skipped))
+            try:
+                write_report(state.report_path, build_report(
+                    decision=decision, exit_code=exit_code, stats=stats, items=items, models=models,
+                    workers=workers, harness_errors=self.harness_errors, chance_margin=state.gate.chance_margin,
+                    policy=state.gate.policy, adaptive=state.adaptive, skipped=self.adaptive_skipped,
+                    problems=problems, unchecked=unchecked, notes=notes))
+            except OSError as error:
+                # The verdict and the exit code stand; only the file is missing, and the summary says so.
+                self.report_error = (f"llmgate: could not write the JSON report to {state.report_path}: "
+                                     f"{error.strerror or error}; the verdict above stands (exit {exit_code})")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """The table and the verdict."""
@@ -579,6 +689,7 @@ class GateController:
         terminalreporter.section("llmgate", sep="=")
         for line, markup in self.rendered:
             terminalreporter.write_line(line, **markup)
-        if self.state.report_path is not None:
+        if self.report_error is not None:
+            terminalreporter.write_line(self.report_error, red=True, bold=True)
+        elif self.state.report_path is not None:
             terminalreporter.write_line(f"llmgate report: {self.state.report_path}")
-

@@ -17,6 +17,8 @@ from pathlib import Path
 LOADS_ENV = "LLMGATE_TEST_LOADS"
 # "model-name:N:FLAG": the first process to pass N requests of that model creates FLAG and hard-exits.
 CRASH_ENV = "LLMGATE_TEST_CRASH_AFTER"
+# "model-name:TEXT": that model raises KeyboardInterrupt (as Ctrl-C would) on a request whose context holds TEXT.
+INTERRUPT_ENV = "LLMGATE_TEST_INTERRUPT"
 
 
 def _unit(*parts: str) -> float:
@@ -54,6 +56,12 @@ class SkillBackend:
                 os._exit(3)  # a hard crash, as a segfaulting CUDA kernel would
             if fail_on and fail_on in request.context:
                 raise RuntimeError(f"simulated model failure on {fail_on!r}")
+            interrupt_model, _, interrupt_on = os.environ.get(INTERRUPT_ENV, "").partition(":")
+            if interrupt_model == self.name and interrupt_on in request.context:
+                raise KeyboardInterrupt  # as Ctrl-C in the middle of a forward pass
+            if self.weights.get("nan_on") and self.weights["nan_on"] in request.context:
+                out.append((float("nan"), False))  # as a float16 overflow would
+                continue
             seed = str(self.weights.get("seed", 0))
             knows = _unit(seed, "skill", request.context) < float(self.weights.get("skill", 1.0))
             if "RIGHT" in request.continuation and knows:

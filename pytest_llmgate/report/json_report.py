@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,7 +45,8 @@ def _tasks(stats: Mapping[str, TaskStats], verdict: StageVerdict | None, margin_
             evidence = tv.evidence
             if evidence is not None:
                 entry.update(
-                    retention_ci=None if evidence.lo is None else [evidence.lo, evidence.hi],
+                    retention_ci=None if evidence.lo is None and evidence.hi is None else [evidence.lo, evidence.hi],
+                    retention_ci_note=getattr(evidence, "note", None),
                     confidence=evidence.confidence, policy=evidence.policy, resolved=evidence.resolved,
                     mcnemar={"regressed": evidence.regressed, "improved": evidence.improved,
                              "p_value": evidence.mcnemar_p},
@@ -92,18 +94,29 @@ def build_report(
     policy: str = "point",
     adaptive: Mapping[str, Any] | None = None,
     skipped: int = 0,
+    problems: Sequence[str] = (),
+    unchecked: Sequence[str] = (),
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The report as a dict of builtin types."""
+    """The report as a dict of builtin types, with no NaN or infinity anywhere (null instead).
+
+    ``problems`` say why the run is incomplete (``unchecked``: the configured rules it could not check); with
+    any of them ``verdict`` is "incomplete" and ``gate_verdict`` keeps what the rules said on the items that ran.
+    """
     main = decision.main
     candidate_role = main.stage if main is not None else None
     note = f"baseline not above chance by more than {chance_margin:.2f}: retention is uninformative and does not gate"
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "stage": decision.stage,
-        "verdict": decision.verdict,
+        "verdict": "incomplete" if problems else decision.verdict,
+        "gate_verdict": decision.verdict,
         "exit_code": exit_code,
         "gate_exit_code": decision.exit_code,
-        "complete": harness_errors == 0,
+        "complete": not problems,
+        "problems": list(problems),
+        "unchecked": list(unchecked),
+        "cache_notes": list(notes),
         "harness_errors": harness_errors,
         "policy": policy,
         "selected_stage": decision.selected,
@@ -114,8 +127,8 @@ def build_report(
         "recommendations": list(main.recommendations) if main else [],
         "stages": {v.stage: _stage(stats, v, note) for v in decision.stages},
         "adaptive": None if adaptive is None else {"tasks": dict(adaptive), "items_skipped": skipped},
-        "items": [],
     }
+    report = {**_finite(report), "items": []}
     for outcome in items:
         sides = outcome["sides"]
         report["items"].append({
@@ -129,6 +142,21 @@ def build_report(
     return report
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: JSON has no such numbers.
+
+    The figures that can be unbounded (a retention interval's upper end on a tiny baseline) say why
+    in a note of their own.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def dumps_report(report: Mapping[str, Any]) -> str:
     """The report's JSON: indented, except that each entry of ``items`` is one compact line.
 
@@ -137,18 +165,31 @@ def dumps_report(report: Mapping[str, Any]) -> str:
     """
     items = report.get("items")
     if not isinstance(items, list) or not items:
-        return json.dumps(report, indent=1, allow_nan=False)
+        return json.dumps(_finite(report), indent=1, allow_nan=False)
     head = json.dumps({**report, "items": []}, indent=1, allow_nan=False)
     marker = '"items": []'
     if head.count(marker) != 1:  # a string value that looks like the key: no layout tricks
-        return json.dumps(report, indent=1, allow_nan=False)
-    lines = ",\n".join("  " + json.dumps(item, allow_nan=False) for item in items)
+        return json.dumps(_finite(report), indent=1, allow_nan=False)
+    lines = ",\n".join("  " + _item_json(item) for item in items)
     return head.replace(marker, '"items": [\n' + lines + "\n ]")
+
+
+def _item_json(item: Any) -> str:
+    """One item's compact JSON; a non-finite number (a log-likelihood of -inf) becomes null."""
+    try:
+        return json.dumps(item, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(item), allow_nan=False)
 
 
 def write_report(path: Path, report: Mapping[str, Any]) -> None:
     """Write atomically, so a reader never sees half a report."""
+    text = dumps_report(report) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(dumps_report(report) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)  # no stray half report beside the path
+        raise

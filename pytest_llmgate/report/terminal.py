@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..config import BASELINE_STAGE
@@ -49,20 +49,35 @@ def stage_table(stats: Mapping[str, TaskStats], verdict: StageVerdict | None) ->
     return _table(rows)
 
 
-def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: int,
-           harness_errors: int, models: Mapping[str, Any], cache: bool = True) -> list[tuple[str, dict[str, bool]]]:
-    """(line, markup) pairs for the terminal reporter."""
+def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: int, problems: Sequence[str] = (),
+           notes: Sequence[str] = (), models: Mapping[str, Any], cache: bool = True
+           ) -> list[tuple[str, dict[str, bool]]]:
+    """(line, markup) pairs for the terminal reporter.
+
+    ``problems``: why the run is incomplete (nothing or not everything checked, harness errors, crashes,
+    interruptions); any problem replaces the verdict's headline. ``notes``: what went wrong with the cache.
+    """
     out: list[tuple[str, dict[str, bool]]] = []
     for role, info in models.items():
         out.append((f"{role}: {info['name']} ({info['fingerprint'][:12]}) - evaluated {info['evaluated']}, "
                     f"from cache {info['cached']}", {}))
-    if decision.stage == BASELINE_STAGE:
+    for note in notes:
+        out.append((note, {"yellow": True}))
+    if decision.stage == BASELINE_STAGE and stats:
         out += [(line, {}) for line in stage_table(stats, None)]
         n = sum(s.n for s in stats.values())
-        out.append((f"baseline recorded: {n} items in the cache; run --stage=<stage> to gate a compressed model"
-                    if cache else f"baseline evaluated: {n} items; the cache is off, so nothing was stored for a "
-                    "later --stage run", {"green": True, "bold": True}))
-    for verdict in decision.stages:
+        stored = models.get(BASELINE_STAGE, {}).get("stored", 0)
+        stored_all = cache and stored == n and not notes
+        if not cache:
+            line = (f"baseline evaluated: {n} items; the cache is off, so nothing was stored for a later "
+                    "--stage run")
+        elif not stored_all:
+            line = (f"baseline evaluated: {n} items, but the cache had trouble (see above): {stored} were written "
+                    "to it and a later --stage run evaluates what is not there again")
+        else:
+            line = f"baseline recorded: {n} items in the cache; run --stage=<stage> to gate a compressed model"
+        out.append((line, {"green": stored_all, "yellow": not stored_all, "bold": True}))
+    for verdict in decision.stages if stats else ():
         out.append(("", {}))
         out.append((f"stage {verdict.stage}: {verdict.verdict.upper()}", {"bold": True}))
         out += [(line, {}) for line in stage_table(stats, verdict)]
@@ -73,12 +88,13 @@ def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: 
                 out.append((f"  skipped {rule.rule}: {rule.detail}", {"yellow": True}))
         for advice in verdict.recommendations:
             out.append((f"  recommendation: {advice}", {"yellow": True}))
-    if harness_errors or not stats:
+    if problems:
         out.append(("", {}))
-        why = (f"{harness_errors} item(s) hit harness errors" if harness_errors else
-               "no benchmark item produced an outcome")
-        out.append((f"llmgate: INCOMPLETE - {why}; the figures above cover only the items that ran "
-                    f"and the gate is not applied (exit {exit_code})", {"red": True, "bold": True}))
+        out += [(f"  - {problem}", {"red": True}) for problem in problems]
+        what = "nothing was checked" if not stats else "the figures above cover only the items that ran"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        out.append((f"llmgate: INCOMPLETE - {problems[0].split(':')[0]}{more}; {what} and the gate is not "
+                    f"applied (exit {exit_code})", {"red": True, "bold": True}))
         return out
     if decision.stage != BASELINE_STAGE:
         out.append(("", {}))

@@ -65,11 +65,17 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     rows: list[dict[str, Any]] = []
     numbers: list[int] = []
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as error:
         raise DatasetError(f"cannot read {path}: {error}") from None
     with handle:
-        for number, line in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DatasetError(
+                    f"{path}:{number}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                    "JSON Lines files are UTF-8: re-encode the file (e.g. iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
             try:
@@ -90,7 +96,11 @@ def _read_parquet(paths: list[Path]) -> list[dict[str, Any]]:
         raise DatasetError(f"reading {paths[0]} needs pyarrow: pip install pyarrow") from None
     rows: list[dict[str, Any]] = []
     for path in paths:
-        rows.extend(pq.read_table(path).to_pylist())
+        try:
+            rows.extend(pq.read_table(path).to_pylist())
+        except Exception as error:  # pyarrow's errors have no common base worth naming
+            raise DatasetError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error}); "
+                               "replace it, or use a .jsonl file of the same split") from None
     return rows
 
 
