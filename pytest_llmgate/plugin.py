@@ -531,6 +531,7 @@ class GateController:
         # task -> item id -> outcome, in arrival order (a re-run item keeps its first place, as in the tally)
         self.arrivals: dict[str, dict[str, dict[str, Any]]] = {}
         self.interrupted = False
+        self.collection_errors = 0
         self.crashed: list[str] = []  # node ids of items whose xdist worker died while running them
         self.report_error: str | None = None
 
@@ -546,6 +547,11 @@ class GateController:
                 self._check_adaptive(outcome["task"])
         elif getattr(report, "llmgate_item", False) and report.failed and report.when == "setup":
             self.harness_errors += 1
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        """A module that failed to collect (a dataset that does not load): its items never run."""
+        if report.failed:
+            self.collection_errors += 1
 
     def pytest_keyboard_interrupt(self) -> None:
         """Ctrl-C (or a KeyboardInterrupt from a backend): the run is not complete, whatever ran."""
@@ -586,9 +592,14 @@ class GateController:
     def _unchecked(self, stats: Mapping[str, Any], stages: list[str]) -> list[str]:
         """What the gate could not check: configured rules whose tasks had no evaluated item."""
         state = self.state
-        nothing = [] if stats else [
-            "no benchmark item ran: no test marked @pytest.mark.llmgate was collected under the given paths, or "
-            "-k / -m / --llmgate-tasks deselected them all (gate a subset of tasks with --llmgate-tasks=A,B)"]
+        if stats:
+            nothing = []
+        elif self.harness_errors or self.collection_errors:
+            nothing = ["no benchmark item produced an outcome: see the errors above"]
+        else:
+            nothing = ["no benchmark item ran: no test marked @pytest.mark.llmgate was collected under the given "
+                       "paths, or -k / -m / --llmgate-tasks deselected them all (gate a subset of tasks with "
+                       "--llmgate-tasks=A,B)"]
         if state.stage == BASELINE_STAGE:
             return nothing
         gate = state.gate
@@ -608,7 +619,7 @@ class GateController:
             absent = [role for role in (BASELINE_STAGE, *stages) if st is None or role not in st.scores]
             if st is None:
                 missing.append(f"{task} not checked: no item ran, but {why} needs it (no collected benchmark "
-                               "module declares it, or -k / -m deselected its items)")
+                               "module declares it, -k / -m deselected its items, or they all errored)")
             elif absent:
                 missing.append(f"{task} not checked: no item has results of {', '.join(absent)}, but {why} "
                                "needs them")
@@ -636,15 +647,20 @@ class GateController:
         if state.adaptive_file is not None:
             state.adaptive_file.unlink(missing_ok=True)
         unchecked = self._unchecked(stats, [v.stage for v in decision.stages])
-        problems = list(unchecked)
+        problems = []  # the cause first: the headline names problems[0]
+        if self.collection_errors:
+            problems.append(f"{self.collection_errors} module(s) failed to collect: see the errors above; "
+                            "none of their items ran")
         if self.harness_errors:
-            problems.append(f"{self.harness_errors} item(s) hit harness errors (see the errors above)")
+            problems.append(f"{self.harness_errors} item(s) hit harness errors: see the errors above")
         for nodeid in self.crashed:
             problems.append(f"an xdist worker died while running {nodeid}: pytest counts that item as failed; "
                             "the worker was replaced and the rest of its shard ran on, so the figures cover "
                             "every other item")
-        if self.interrupted or session.shouldstop or session.shouldfail:
+        stopped = self.interrupted and not self.collection_errors  # pytest stops on collection errors itself
+        if stopped or session.shouldstop or session.shouldfail:
             problems.append("the run was stopped before every selected item ran (interrupted, -x or --maxfail)")
+        problems += unchecked
         exit_code = int(session.exitstatus)
         if exit_code == 0:
             exit_code = EXIT_UNCHECKED if unchecked else decision.exit_code

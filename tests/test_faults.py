@@ -23,18 +23,21 @@ from gateproject import BENCHMARK, make_project
 from pytest_llmgate import EXIT_BREACH, EXIT_CRITICAL, EXIT_UNCHECKED
 
 USAGE, COLLECTION, HARNESS, NO_TESTS = 4, 2, 1, 5
-MESSAGE_MARKERS = ("ERROR", "error:", "Error", "llmgate:", "llmgate cache", "INCOMPLETE", "not checked",
-                   "Traceback", "INTERNALERROR")
+# What a user reads first about a run, most telling first: an error, the gate's headline, a cache note,
+# then a harness error's own line.
+MESSAGE_MARKERS = (("ERROR: llmgate", "error: argument", "INTERNALERROR", "Traceback", "llmgate: task"),
+                   ("llmgate: INCOMPLETE", "llmgate: stage '", "llmgate: ladder", "llmgate: could not"),
+                   ("llmgate cache",), ("llmgate harness error", "ERROR:"))
 
 
 def _first_message(result: pytest.RunResult) -> str:
     """The first line that tells the user what happened (not the report header)."""
-    for line in [*result.outlines, *result.errlines]:
-        if line.startswith("llmgate: stage=") or "rootdir:" in line:
-            continue
-        if any(marker in line for marker in MESSAGE_MARKERS):
-            return line.strip()[:160]
-    return "(no message)"
+    lines = [*result.outlines, *result.errlines]
+    for markers in MESSAGE_MARKERS:
+        for line in lines:
+            if any(marker in line for marker in markers) and "usage:" not in line:
+                return line.strip()[:160]
+    return next((line.strip()[:160] for line in lines if line.startswith("E   ")), "(no message)")
 
 
 @pytest.fixture
@@ -144,7 +147,8 @@ def test_set_limit_zero(project, fault):
 
 def test_misspelt_key(project, fault):
     _edit(project, "min_retention = 0.90", "min_retension = 0.90")
-    fault(project.run("--stage=mild"), USAGE, "*stage 'mild'.min_retension: unknown key; did you mean 'min_retention'?*")
+    fault(project.run("--stage=mild"), USAGE,
+          "*stage 'mild'.min_retension: unknown key; did you mean 'min_retention'?*")
 
 
 def test_invalid_toml(project, fault):
@@ -179,7 +183,8 @@ def test_gguf_file_not_in_the_folder(project, fault):
     (project.path / "models" / "q").mkdir(parents=True)
     (project.path / "models" / "q" / "model.Q8_0.gguf").write_bytes(b"GGUF")
     _add_model(project, 'path = "./models/q"\ngguf_file = "model.Q4_K_M.gguf"')
-    fault(project.run("--stage=mild"), USAGE, "*gguf_file: model.Q4_K_M.gguf is not in*(GGUF files there: model.Q8_0.gguf)*")
+    fault(project.run("--stage=mild"), USAGE,
+          "*gguf_file: model.Q4_K_M.gguf is not in*(GGUF files there: model.Q8_0.gguf)*")
 
 
 def test_rtn_one_bit(project, fault):
@@ -314,7 +319,7 @@ def test_collect_only_is_not_a_gate_run(project, fault):
 def test_every_item_erroring_is_not_a_pass(project, fault):
     project.weights("good", skill=0.9, seed=1, fail_on="Synthetic question")
     result = project.run("--stage=mild", "--llmgate-report=report.json")
-    fault(result, HARNESS, "*INCOMPLETE - *nothing was checked*")
+    fault(result, HARNESS, "*INCOMPLETE - 20 item(s) hit harness errors (and 2 more); nothing was checked*")
     report = _strict_json(project.path / "report.json")
     assert report["verdict"] == "incomplete" and report["complete"] is False and report["harness_errors"] == 20
 
@@ -322,7 +327,8 @@ def test_every_item_erroring_is_not_a_pass(project, fault):
 def test_model_that_cannot_load(project, fault):
     (project.path / "weights" / "good.json").write_text("{not json")
     result = project.run("--stage=mild", "--llmgate-report=report.json")
-    fault(result, HARNESS, "*model 'good' could not be loaded: JSONDecodeError*")
+    fault(result, HARNESS, "*model 'good' could not be loaded: JSONDecodeError*",
+          "*INCOMPLETE - 20 item(s) hit harness errors*")
     report = _strict_json(project.path / "report.json")
     assert report["verdict"] == "incomplete" and report["harness_errors"] == 20
     # The baseline was evaluated before the candidate failed to load: it is in the cache.
@@ -348,7 +354,8 @@ def test_report_that_cannot_be_written_at_the_end(project, fault):
         "def pytest_runtest_call(item):\n"
         "    os.makedirs('late-report.json', exist_ok=True)\n")
     result = project.run("--stage=mild", "--llmgate-report=late-report.json")
-    fault(result, 0, "*llmgate: could not write the JSON report to */late-report.json: *the verdict above stands (exit 0)*",
+    fault(result, 0,
+          "*llmgate: could not write the JSON report to */late-report.json: *the verdict above stands (exit 0)*",
           "*llmgate: stage 'mild' PASS (exit 0)*")
     assert not list(project.path.glob("*.tmp"))
 
@@ -459,7 +466,8 @@ def test_data_not_utf8(project, fault):
     lines = _data(project).read_bytes().splitlines()
     lines[2] = lines[2].replace(b"Synthetic", b"Synth\xe9tic")
     _data(project).write_bytes(b"\n".join(lines) + b"\n")
-    fault(project.run("--stage=mild"), COLLECTION, "*test.jsonl:3: not UTF-8 (byte 0xe9 at column *re-encode the file*")
+    fault(project.run("--stage=mild"), COLLECTION, "*test.jsonl:3: not UTF-8 (byte 0xe9 at column *re-encode the file*",
+          "*llmgate: INCOMPLETE - 1 module(s) failed to collect*nothing was checked*(exit 2)*")
 
 
 def test_data_line_not_json(project, fault):

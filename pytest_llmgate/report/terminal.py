@@ -93,7 +93,7 @@ def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: 
         out += [(f"  - {problem}", {"red": True}) for problem in problems]
         what = "nothing was checked" if not stats else "the figures above cover only the items that ran"
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        out.append((f"llmgate: INCOMPLETE - {problems[0].split(':')[0]}{more}; {what} and the gate is not "
+        out.append((f"llmgate: INCOMPLETE - {problems[0].split(': ')[0]}{more}; {what} and the gate is not "
                     f"applied (exit {exit_code})", {"red": True, "bold": True}))
         return out
     if decision.stage != BASELINE_STAGE:
