@@ -654,9 +654,12 @@ class GateController:
         if self.harness_errors:
             problems.append(f"{self.harness_errors} item(s) hit harness errors: see the errors above")
         for nodeid in self.crashed:
-            problems.append(f"an xdist worker died while running {nodeid}: pytest counts that item as failed; "
-                            "the worker was replaced and the rest of its shard ran on, so the figures cover "
-                            "every other item")
+            rerun = any(o["id"] == nodeid.rpartition("[")[2].rstrip("]") for o in self.tally.outcomes.values())
+            problems.append(
+                f"an xdist worker died while running {nodeid}: pytest counts that item as failed (exit 1)"
+                + (", and again when the replacement worker re-ran it; the figures count its re-run once" if rerun
+                   else "; the figures above do not include it")
+                + ". Run again for a verdict: every finished shard is read from the cache")
         stopped = self.interrupted and not self.collection_errors  # pytest stops on collection errors itself
         if stopped or session.shouldstop or session.shouldfail:
             problems.append("the run was stopped before every selected item ran (interrupted, -x or --maxfail)")
