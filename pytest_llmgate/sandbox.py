@@ -13,7 +13,8 @@ Process layout on Linux with namespaces (root, or an unprivileged user where use
                              P1 pid 1 of the new pid namespace: mounts /proc, forks, reaps, exits
                                 -> the kernel then kills every process left in the namespace
                              P2 sets rlimits, drops to a fresh uid (or drops capabilities), closes
-                                fds, runs the program on a worker thread, proves completion on the result fd
+                                fds, runs the program on its main thread; a verdict thread that runs no
+                                Python code proves completion on the result fd
 
 Without namespaces P0 itself becomes P2, and cleanup falls back to the process group and, as root, to
 killing every process of the per-run uid.
@@ -29,8 +30,9 @@ import sys
 # program starts (trusted: no model code has run yet); afterwards only the exact nonce means "ran to the
 # end". Anything else after READY is at best a failure reason, since the program can write there too.
 _READY = b"READY\n"
-_ARM_EVENT = "llmgate.sandbox.arm"
-_DONE_EVENT = "llmgate.sandbox.done"
+# How long the harness waits, after the last line, for the verdict thread to write the nonce and end the
+# process (it takes well under a millisecond unless a thread of the program holds the interpreter lock).
+_VERDICT_WAIT = 10.0
 _EXIT_SETUP = 70
 _EXIT_FAILED = 1
 _EXIT_TAMPER = 86
@@ -263,42 +265,28 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _tripwire(nonce: bytes, fd: int, harness_frame, *, _write=os.write, _exit=os._exit, _type=type, _str=str,
-              _bytes=bytes, _events=_TRIPWIRE_EVENTS, _code=_EXIT_TAMPER, _arm=_ARM_EVENT, _done=_DONE_EVENT):
-    """The audit hook that holds the nonce, and the tripwire for reaching into the harness.
+def _tripwire(
+    fd: int,
+    *,
+    _write=os.write,
+    _exit=os._exit,
+    _type=type,
+    _str=str,
+    _bytes=bytes,
+    _events=_TRIPWIRE_EVENTS,
+    _code=_EXIT_TAMPER,
+):
+    """The audit hook that ends the program, as a failure, when it reaches into the harness.
 
-    "arm" (raised once by the harness before the program starts) records where ``harness_frame`` stands;
-    "done" writes the nonce only while ``harness_frame`` stands at that same call site again, which it
-    reaches only after ``exec`` returned normally (the frame's position cannot be moved by the program
-    without a trace function or ctypes, both tripwires). Everything the hook uses is bound here, before
-    the program runs: no global or builtin lookups, no calls into program code, no allocation of objects
-    the garbage collector tracks (so no finalizer runs on top of it), no audited operation, and it never
-    raises; so nothing of the program runs while this frame, whose locals include the nonce, is live.
-    Forked children forget the nonce before any of their code runs.
+    It runs on the program's thread, the main thread, so a signal handler of the program can run on top of
+    it and read its locals: it holds nothing worth reading (the nonce is in the verdict thread, see
+    :func:`_start_verdict_thread`). A handler that raises there makes the audited call fail, which is what
+    the hook is for. Everything the hook uses is bound here, before the program runs: no global or builtin
+    lookups, no calls into program code, no allocation of objects the garbage collector tracks, no audited
+    operation, and it never raises: raising would hand the program a traceback into the hook's frame.
     """
-    armed_at = -1
-
-    def forget() -> None:
-        # A forked child would carry the nonce, and its main thread may install signal handlers: wipe it.
-        nonlocal nonce, armed_at
-        nonce, armed_at = b"", -3
-
-    os.register_at_fork(after_in_child=forget)
 
     def hook(event, args):
-        nonlocal armed_at
-        if event == _done:
-            if armed_at >= 0 and harness_frame.f_lasti == armed_at:
-                armed_at = -2  # once
-                try:  # noqa: SIM105  (contextlib.suppress would allocate a tracked object here)
-                    _write(fd, nonce)
-                except OSError:
-                    pass
-            return
-        if event == _arm:
-            if armed_at == -1:
-                armed_at = harness_frame.f_lasti
-            return
         tripped = event in _events or event.startswith("ctypes.")
         if not tripped and event == "open" and args:
             path = args[0]
@@ -318,6 +306,96 @@ def _tripwire(nonce: bytes, fd: int, harness_frame, *, _write=os.write, _exit=os
     return hook
 
 
+def _verdict_site(nonce: bytes, fd: int, *, _getpid=os.getpid, _exit=os._exit):
+    """Returns ``reach()``, which the harness calls twice from one call site: before and after the program.
+
+    The first call notes where its caller (the harness frame) stands and starts the verdict thread with the
+    nonce, the result fd and that position; then the nonce is gone from every Python object (this closure
+    included). The second call wakes the verdict thread, which writes the nonce and ends the process with
+    exit code 0 if, and only if, the harness frame stands at that same call site again, and waits for it.
+    Anyone may call ``reach()`` or release the wake-up lock: the position of the harness frame is the proof.
+    """
+    import _thread
+    import time
+
+    wake = _thread.allocate_lock()  # a lock, not a pipe: no descriptor for the program to trip over
+    wake.acquire()
+    owner, release, sleep = _getpid(), wake.release, time.sleep
+
+    def reach() -> None:
+        nonlocal nonce
+        if nonce is not None:
+            harness = sys._getframe(1)
+            _start_verdict_thread(nonce, fd, wake, harness, harness.f_lasti)
+            nonce = None
+            return
+        if _getpid() != owner:  # a forked child of the program ran to the end: no verdict thread lives here
+            _exit(0)
+        with contextlib.suppress(RuntimeError):  # released already (by the program): a wake-up is pending
+            release()
+        sleep(_VERDICT_WAIT)  # the verdict thread ends the process long before
+
+    return reach
+
+
+def _start_verdict_thread(nonce: bytes, fd: int, wake, harness_frame, site: int) -> None:
+    """Start the thread that alone holds the nonce, and runs no Python code at all.
+
+    It is a pipeline of C iterators consumed by ``deque(..., 0)``: block on the wake-up lock; at each
+    wake-up read ``harness_frame.f_lasti``; only when it equals ``site`` take the nonce, write it to the
+    result fd and ``os._exit(0)``. No Python frame ever runs on this thread, so there is none for a signal
+    handler (they run on the main thread only), a finalizer or a traceback to walk into, and the iterators
+    that hold the nonce are referenced from this thread's C stack only (reaching them takes ``gc`` or
+    ``ctypes``: tripwires). The thread starts with every signal blocked, so signals keep going to the
+    program's threads as they would without it.
+    """
+    import _collections
+    import _functools
+    import _operator
+    import _thread
+    import itertools
+    import signal
+
+    compress, repeat, partial = itertools.compress, itertools.repeat, _functools.partial
+    wake_ups = iter(wake.acquire, False)  # acquire() blocks until someone releases the lock, then is True
+    there = map(site.__eq__, map(_operator.attrgetter("f_lasti"), compress(repeat(harness_frame), wake_ups)))
+    written = map(partial(os.write, fd), compress(repeat(nonce), there))
+    verdict = map(os._exit, compress(repeat(0), written))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        _thread.start_new_thread(_collections.deque, (verdict, 0))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _signal_quieter():
+    """Returns ``quiet()``: after the program's last line, no signal or timer of the program runs its code.
+
+    It blocks every signal on the main thread, cancels the interval timers (``alarm`` included), detaches a
+    wake-up fd and puts back the dispositions the harness started with (SIG_DFL/SIG_IGN). A handler that
+    was already pending runs once more, inside ``quiet()``; if it raises, the run fails. Bound now, before
+    the program can replace attributes of the ``signal`` module.
+    """
+    import _signal
+
+    block, setitimer, set_wakeup_fd = _signal.pthread_sigmask, _signal.setitimer, _signal.set_wakeup_fd
+    getsignal, install, SIG_BLOCK = _signal.getsignal, _signal.signal, _signal.SIG_BLOCK
+    everything = _signal.valid_signals()
+    timers = (_signal.ITIMER_REAL, _signal.ITIMER_VIRTUAL, _signal.ITIMER_PROF)
+    dispositions = [(sig, handler) for sig in everything if (handler := getsignal(sig)) is not None]
+
+    def quiet() -> None:
+        block(SIG_BLOCK, everything)
+        for which in timers:
+            setitimer(which, 0)
+        set_wakeup_fd(-1)
+        for sig, handler in dispositions:
+            if getsignal(sig) is not handler:
+                install(sig, handler)
+
+    return quiet
+
+
 def _failure_reason(exc: BaseException) -> str:
     name = type(exc).__name__
     if isinstance(exc, SystemExit):
@@ -332,25 +410,31 @@ def _failure_reason(exc: BaseException) -> str:
 
 
 def _start_program(cfg: dict, fd: int, info: dict) -> None:
-    """Run the program on a worker thread and wait; the worker ends the process. Never returns.
+    """Run the program on the process's main thread, as plain ``python`` would. Never returns.
 
-    Why a thread: Python runs signal handlers only on the main thread, between bytecodes of whatever frame
-    is on top there. On the main thread, a program's SIGALRM handler could interrupt the audit hook and
-    read its locals; here the main thread only waits, and a program cannot install handlers at all.
+    Why the main thread: Python runs signal handlers only there, so a program that uses ``signal.alarm``,
+    ``setitimer`` or its own handlers needs it. The cost: a handler runs on top of whatever frame is
+    executing on the main thread, the audit hook's and the harness's own included, and can read their
+    locals or raise there. So none of them holds the nonce: it lives in a verdict thread that runs only C
+    code (:func:`_start_verdict_thread`), and the proof of completion is where the harness frame stands,
+    which no handler can move. The harness's critical sections are safe to interrupt: the audit hook holds
+    nothing (a handler raising there only makes the audited call fail); the harness frame reaches its
+    verdict site a second time only when ``exec`` returned normally (the failure path re-raises rather than
+    fall through); and before it asks for the verdict it quiets the program's signals (:func:`_signal_quieter`),
+    so that a late alarm cannot kill or interrupt the verdict of a program that already finished.
     """
     import signal
-    import threading
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    worker = threading.Thread(target=_run_program, args=(cfg, fd, info), name="program", daemon=True)
-    worker.start()
-    worker.join()
-    _write(fd, b"FAIL the program thread ended without a verdict\n")
-    os._exit(_EXIT_FAILED)
+    try:
+        _run_program(cfg, fd, info)
+    finally:
+        _write(fd, b"FAIL the harness ended without a verdict\n")
+        os._exit(_EXIT_FAILED)
 
 
 def _run_program(cfg: dict, fd: int, info: dict) -> None:
-    """Compile and run the program; write the nonce only if it ran to its last line. Ends the process."""
+    """Compile and run the program; the nonce is written only if it ran to its last line. Ends the process."""
     import builtins
     import json
     import traceback
@@ -358,7 +442,7 @@ def _run_program(cfg: dict, fd: int, info: dict) -> None:
     real_exit, stdio = os._exit, (sys.stdout, sys.stderr)
     header = b"INFO " + json.dumps(info).encode() + b"\n" + _READY
     source = cfg.pop("source")
-    nonce = cfg.pop("nonce").encode()
+    reach = _verdict_site(cfg.pop("nonce").encode(), fd)
     try:
         code = compile(source, "<program>", "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as exc:
@@ -369,13 +453,17 @@ def _run_program(cfg: dict, fd: int, info: dict) -> None:
     module = type(sys)("__main__")
     sys.modules["__main__"] = module
     before, missing = dict(builtins.__dict__), object()
-    audit = sys.audit
-    hook = _tripwire(nonce, fd, sys._getframe())
-    del nonce
-    sys.addaudithook(hook)
-    del hook
-    for event in (_ARM_EVENT, _DONE_EVENT):
-        if event == _DONE_EVENT:
+    quiet = _signal_quieter()
+    for done in (False, True):
+        if done:
+            try:
+                quiet()
+            except BaseException as exc:
+                reason = _failure_reason(exc).encode(errors="replace")[:200]
+                _write(fd, b"FAIL a signal handler raised after the last line: " + reason + b"\n")
+                _flush(stdio)
+                real_exit(_EXIT_FAILED)
+                raise
             now = builtins.__dict__
             changed = sorted(name for name, value in before.items() if now.get(name, missing) is not value)
             if changed:
@@ -383,8 +471,9 @@ def _run_program(cfg: dict, fd: int, info: dict) -> None:
                 _flush(stdio)
                 real_exit(_EXIT_FAILED)
             _flush(stdio)
-        audit(event)  # one call site for both events: the hook accepts "done" only from where it was armed
-        if event == _ARM_EVENT:
+        reach()  # one call site for both passes: the verdict thread answers only while this frame stands here
+        if not done:
+            sys.addaudithook(_tripwire(fd))
             _write(fd, header)
             try:
                 exec(code, module.__dict__)
@@ -397,7 +486,10 @@ def _run_program(cfg: dict, fd: int, info: dict) -> None:
                 finally:
                     _flush(stdio)
                     real_exit(_EXIT_FAILED)
-    real_exit(0)
+                raise  # never fall through to the verdict site, whatever happened to real_exit
+    why = f"no verdict within {_VERDICT_WAIT:g}s of the last line (a program thread holding the GIL or the lock?)"
+    _write(fd, b"FAIL " + why.encode() + b"\n")
+    real_exit(_EXIT_FAILED)
 
 
 def _flush(stdio) -> None:
@@ -409,7 +501,8 @@ def _flush(stdio) -> None:
 def _program_main(libc, cfg: dict, fd: int, info: dict, flags: int) -> None:
     import builtins  # noqa: F401  (what _run_program needs, loaded while the files are still readable)
     import json  # noqa: F401
-    import threading  # noqa: F401
+    import signal  # noqa: F401
+    import time  # noqa: F401
     import traceback  # noqa: F401
 
     try:

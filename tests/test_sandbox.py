@@ -505,8 +505,8 @@ os._exit(0)
 
 @pytest.mark.parametrize("where", ["in the program", "in a forked child"])
 def test_attack_steal_the_nonce_from_a_signal_handler_that_interrupts_the_audit_hook(where):
-    # On the main thread this works: the handler runs on top of whatever frame is executing, the hook's too.
-    # A forked child's only thread is a main thread, so it may install handlers: it must hold no nonce.
+    # The program runs on the main thread, so the handler runs on top of whatever frame is executing there,
+    # the audit hook's too: it must find nothing. The same in a forked child, whose thread is a main thread.
     prelude = "import os\nif os.fork() != 0:\n    os.wait()\n    os._exit(0)\n" if "child" in where else ""
     program = prelude + """
 import os, signal, sys, time
@@ -644,3 +644,247 @@ def test_an_unprivileged_caller_gets_the_same_verdicts_and_honest_isolation_fact
         assert network["status"] == "failed" and "unreachable" in network["reason"]
         assert passwd["filesystem_isolated"] and passwd["pid_namespace"] and passwd["privileges_dropped"]
         assert "root:x:0:0:root:/root" not in passwd["stdout"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Signals: the program runs on the main thread, so it can use them as under plain `python`
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_program_can_time_itself_out_with_signal_alarm():
+    program = """
+import signal, threading, time
+
+class Timeout(Exception):
+    pass
+
+def on_alarm(signum, frame):
+    raise Timeout
+
+assert threading.current_thread() is threading.main_thread()
+signal.signal(signal.SIGALRM, on_alarm)
+signal.alarm(1)
+started = time.monotonic()
+try:
+    while True:
+        pass
+except Timeout:
+    elapsed = time.monotonic() - started
+finally:
+    signal.alarm(0)
+assert signal.getsignal(signal.SIGALRM) is on_alarm
+assert 0.5 < elapsed < 5, elapsed
+print('timed out after', round(elapsed))
+"""
+    result = run_check(program, timeout=10)
+    assert result.status == "passed", result
+    assert result.stdout == "timed out after 1\n"
+    assert_contained(result)
+
+
+def test_an_alarm_with_the_default_handler_kills_the_program():
+    started = time.monotonic()
+    result = run_check("import signal\nsignal.alarm(1)\nwhile True:\n    pass\n", timeout=10)
+    assert result.status == "failed" and result.reason == "killed by SIGALRM"
+    assert time.monotonic() - started < 5
+    assert_contained(result)
+
+
+def test_interval_timers_work_and_one_left_running_does_not_change_the_verdict():
+    program = """
+import signal, time
+ticks = {signal.SIGALRM: 0, signal.SIGVTALRM: 0, signal.SIGPROF: 0}
+
+def tick(signum, frame):
+    ticks[signum] += 1
+
+timers = {signal.ITIMER_REAL: signal.SIGALRM, signal.ITIMER_VIRTUAL: signal.SIGVTALRM,
+          signal.ITIMER_PROF: signal.SIGPROF}
+deadline = time.monotonic() + 5
+for which, signum in timers.items():
+    signal.signal(signum, tick)
+    signal.setitimer(which, 0.005, 0.005)
+    while ticks[signum] < 3 and time.monotonic() < deadline:
+        sum(range(1000))  # burns CPU time too, for the virtual and profiling timers
+    signal.setitimer(which, 0)
+assert min(ticks.values()) >= 3, ticks
+assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)  # still firing after the last line
+print('ok')
+"""
+    result = run_check(program, timeout=10)
+    assert result.status == "passed", result
+    assert result.stdout == "ok\n"
+    assert_contained(result)
+
+
+def test_a_sigterm_handler_does_not_outlive_the_time_limit():
+    program = """
+import signal, time
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGXCPU):
+    signal.signal(signum, lambda *args: print('caught', *args[:1], flush=True))
+while True:
+    time.sleep(0.01)
+"""
+    started = time.monotonic()
+    result = run_check(program, timeout=1.5)
+    assert result.status == "timeout" and "1.5s" in result.reason
+    assert time.monotonic() - started < 5
+    assert_contained(result)
+
+
+@pytest.mark.parametrize(
+    "cheat",
+    [
+        "signal.signal(signal.SIGALRM, lambda *a: sys.exit(0))\nsignal.setitimer(signal.ITIMER_REAL, 0.01)\n"
+        "time.sleep(1)",
+        "signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGKILL))\nsignal.alarm(1)\n"
+        "time.sleep(3)",
+        "signal.signal(signal.SIGUSR1, lambda *a: os._exit(0))\nos.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(1)",
+        "threading.Thread(target=lambda: (time.sleep(0.05), os.kill(os.getpid(), signal.SIGTERM))).start()\n"
+        "time.sleep(1)",
+    ],
+    ids=["handler-sys.exit", "handler-kills-itself", "handler-os._exit", "thread-sends-sigterm"],
+)
+def test_attack_exit_early_from_a_signal_handler(cheat):
+    program = "import os, signal, sys, threading, time\n" + cheat + "\ndef solution(x):\n    return 0\n" + FAILING_TEST
+    result = run_check(program, timeout=10)
+    assert result.status == "failed", result
+    assert_contained(result)
+
+
+@pytest.mark.parametrize("ending", ["a failing assert", "the last line"])
+def test_attack_signal_handler_walks_the_interrupted_frames_for_the_nonce(ending):
+    # A fast timer interrupts the audit hook (each compile() raises an event) and, after the program, the
+    # harness's own failure or verdict code; the handler searches every frame it can reach, with
+    # sys._getframe and inspect, for the nonce, and wakes whatever the harness keeps there.
+    program = """
+import _thread, inspect, os, re, signal, sys, threading, time, types
+hex32 = re.compile(r'[0-9a-f]{32}')
+found, visited, woken, busy = [], set(), [], []
+
+def secrets_in(value, depth=0):
+    if isinstance(value, (bytes, bytearray, str)):
+        text = value.decode('latin1') if isinstance(value, (bytes, bytearray)) else value
+        if len(text) < 4096 and hex32.fullmatch(text):
+            yield value
+    elif depth < 2 and isinstance(value, (dict, list, tuple, set, frozenset)):
+        for item in list(value.values() if isinstance(value, dict) else value):
+            yield from secrets_in(item, depth + 1)
+    elif depth < 2 and isinstance(value, types.FunctionType):
+        for cell in value.__closure__ or ():
+            try:
+                yield from secrets_in(cell.cell_contents, depth + 1)
+            except ValueError:
+                pass
+        yield from secrets_in(value.__defaults__ or (), depth + 1)
+        yield from secrets_in(value.__kwdefaults__ or {}, depth + 1)
+
+def wake(value):
+    # release every lock the harness keeps, call every argument-free harness function (in a thread)
+    if isinstance(value, types.FunctionType) and id(value) not in woken and value.__code__.co_filename != "<program>":
+        woken.append(id(value))
+        for cell in value.__closure__ or ():
+            try:
+                inner = cell.cell_contents
+            except ValueError:
+                continue
+            if isinstance(inner, type(_thread.allocate_lock())):
+                try:
+                    inner.release()
+                except RuntimeError:
+                    pass
+        if value.__code__.co_argcount == 0 and not value.__code__.co_kwonlyargcount:
+            threading.Thread(target=value, daemon=True).start()
+
+def handler(signum, frame):
+    if frame.f_code.co_filename == '<program>' or busy:
+        return  # the program's own code was interrupted: nothing to look for
+    busy.append(True)
+    frames = [record.frame for record in inspect.getouterframes(frame, 0)]
+    here = sys._getframe()
+    while here is not None:
+        frames.append(here)
+        here = here.f_back
+    for each in frames:
+        visited.add(each.f_code.co_name)
+        for value in list(each.f_globals.values()):
+            found.extend(secrets_in(value))
+        if each.f_locals is not each.f_globals:  # a function's frame: the harness's own state
+            for value in list(each.f_locals.values()):
+                found.extend(secrets_in(value))
+                wake(value)
+    sys.audit('llmgate.sandbox.done')
+    if found:
+        print('FOUND', flush=True)
+        for fd in range(3, 64):
+            for value in found:
+                try:
+                    os.write(fd, value if isinstance(value, bytes) else value.encode())
+                except OSError:
+                    pass
+        os._exit(0)
+    busy.clear()
+
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+end = time.monotonic() + 5
+while 'hook' not in visited and time.monotonic() < end:
+    compile('1', 's', 'eval')
+print('interrupted the hook' if 'hook' in visited else 'never in the hook', flush=True)
+""" + ("def solution(x):\n    return 0\n" + FAILING_TEST if ending == "a failing assert" else "")
+    result = run_check(program, timeout=20)
+    assert "FOUND" not in result.stdout
+    assert "interrupted the hook" in result.stdout  # the handler did run on top of the audit hook
+    if ending == "a failing assert":
+        assert result.status == "failed" and result.reason == "AssertionError", result
+    else:  # it ran to its last line: a pass, and nothing the handler did afterwards changed that
+        assert result.status == "passed", result
+    assert_contained(result)
+
+
+def test_attack_wake_the_verdict_thread_before_the_last_line():
+    program = """
+import _thread, os, sys, threading, time, types
+lock_type = type(_thread.allocate_lock())
+frame, calls = sys._getframe(), 0
+while frame is not None:
+    for value in list(frame.f_locals.values()) if frame.f_locals is not frame.f_globals else ():
+        if isinstance(value, types.FunctionType) and value.__code__.co_filename != "<program>":
+            for cell in value.__closure__ or ():
+                inner = cell.cell_contents
+                if isinstance(inner, lock_type):
+                    for _ in range(3):
+                        try:
+                            inner.release()
+                        except RuntimeError:
+                            pass
+                        time.sleep(0.05)
+            if value.__code__.co_argcount == 0 and not value.__code__.co_kwonlyargcount:
+                threading.Thread(target=value, daemon=True).start()
+                calls += 1
+    frame = frame.f_back
+sys.audit('llmgate.sandbox.done')
+time.sleep(0.5)
+print('woke', calls, flush=True)
+os._exit(0)
+"""
+    result = run_check(program, timeout=10)
+    assert result.status == "failed" and "woke" in result.stdout, result
+    assert result.stdout != "woke 0\n"
+    assert_contained(result)
+
+
+def test_a_forked_child_that_runs_to_the_end_gives_its_parent_no_verdict():
+    program = """
+import os, time
+started = time.monotonic()
+child = os.fork()
+if child:
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and time.monotonic() - started < 5
+    raise AssertionError('only the parent fails')
+"""
+    result = run_check(program, timeout=10)
+    assert result.status == "failed" and result.reason == "AssertionError: only the parent fails", result
+    assert_contained(result)
