@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 from collections.abc import Callable, Sequence
@@ -22,7 +23,17 @@ from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 SCORING_VERSION = "2"
 # Bump when the way completions are generated changes: it is part of every generation result's cache key.
 GENERATION_VERSION = "1"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken")
+# What the transformers and vptq backends read from a model folder: weights, and beside them the configs
+# (config.json, generation_config.json), tokenizer files (tokenizer.json, tokenizer_config.json,
+# special_tokens_map.json, vocab/merges, *.model, *.tiktoken, Mistral's tokenizer.model.v3) and chat templates
+# (chat_template.jinja, chat_template.json, additional_chat_templates/*.jinja). Custom modeling *.py files are
+# left out: the backends never pass trust_remote_code, so transformers refuses to run them.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_SIDECAR_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken")
+_SIDECAR_PREFIXES = ("tokenizer.model",)  # tokenizer.model.v3 and the like
+_CHAT_TEMPLATE_DIR = "additional_chat_templates"
+# Packages whose version changes the built-in backends' numbers (kernels, tokenization, dequantization).
+_RUNTIME_PACKAGES = ("torch", "transformers", "tokenizers")
 
 
 class ModelLoadError(Exception):
@@ -106,34 +117,115 @@ def resolve_local(spec: ModelSpec) -> tuple[Path, str | None]:
     return Path(folder), spec.gguf_file
 
 
+def _visible(path: Path, folder: Path) -> bool:
+    """False for anything under a dot-folder (.git, .cache, .ipynb_checkpoints) or a dot-file."""
+    return not any(part.startswith(".") for part in path.relative_to(folder).parts)
+
+
+def _is_sidecar(path: Path) -> bool:
+    return path.suffix in _SIDECAR_SUFFIXES or path.name.startswith(_SIDECAR_PREFIXES)
+
+
+def _sidecar_files(folder: Path) -> list[Path]:
+    """The config, tokenizer and chat template files transformers reads beside a GGUF file or for a tokenizer:
+    the folder's own files and its additional chat templates, not its other subfolders."""
+    candidates = list(folder.glob("*")) + list(folder.glob(f"{_CHAT_TEMPLATE_DIR}/*.jinja"))
+    return sorted(p for p in candidates if p.is_file() and _is_sidecar(p) and _visible(p, folder))
+
+
 def _model_files(folder: Path, gguf_file: str | None) -> list[Path]:
+    """Every file the backend reads for the model: a GGUF file and its sidecars, or a folder's weights and sidecars."""
     if gguf_file is not None:
-        return [folder / gguf_file]
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in _WEIGHT_SUFFIXES]
+        return sorted({folder / gguf_file, *_sidecar_files(folder)})
+    files = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and _visible(p, folder) and (p.suffix in _WEIGHT_SUFFIXES or _is_sidecar(p))
+    ]
     if not files:
         raise ModelLoadError(f"{folder} holds no model files (config.json, *.safetensors, *.bin or *.gguf)")
     return files
 
 
-def model_fingerprint(spec: ModelSpec, digest: DigestMemo = lambda p: file_sha256(p)) -> str:
-    """A hash of everything that decides the model's outputs: weight bytes, dtype, transform, backend.
+def _file_digests(folder: Path, files: Sequence[Path], digest: DigestMemo) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): digest(p) for p in files}
 
-    Changing one weight changes a file's bytes and so the fingerprint: the cache cannot serve a
-    stale result. ``digest`` lets the cache memoise file hashes by (path, size, mtime).
+
+def _is_local(location: str) -> bool:
+    """Whether ``resolve_local`` finds ``location`` on this machine (a built-in or a path), not on the hub."""
+    return location.startswith("builtin:") or Path(location).expanduser().exists()
+
+
+def _tokenizer_material(spec: ModelSpec, digest: DigestMemo) -> tuple[Any, bool]:
+    """(what identifies a separate tokenizer, whether it is read from a GGUF file).
+
+    A local tokenizer (a folder, a GGUF file, a built-in) by the bytes of the files transformers reads for it;
+    a hub id by its name; None when the model's own tokenizer is used (its files are the model's).
+    """
+    if spec.tokenizer is None or not _is_local(spec.tokenizer):
+        return spec.tokenizer, False
+    folder, gguf_file = resolve_local(ModelSpec(name=spec.name, path=spec.tokenizer))
+    files = sorted({folder / gguf_file, *_sidecar_files(folder)}) if gguf_file else _sidecar_files(folder)
+    if not files:
+        raise ModelLoadError(
+            f"model '{spec.name}': tokenizer {spec.tokenizer} holds no tokenizer files "
+            "(tokenizer.json, tokenizer_config.json, *.model or a .gguf file)"
+        )
+    return {"files": _file_digests(folder, files, digest)}, gguf_file is not None
+
+
+def package_version(name: str) -> str:
+    """The installed version of a distribution, read from its metadata (nothing is imported); "absent" if none."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def runtime_versions(spec: ModelSpec, *, gguf: bool) -> dict[str, str]:
+    """Versions of the packages that compute a built-in backend's numbers for ``spec``.
+
+    torch (kernels), transformers (model code, generation), tokenizers (token ids); vptq for the vptq backend or
+    transform; gguf (dequantization) when a GGUF file is read.
+    """
+    names = list(_RUNTIME_PACKAGES)
+    if spec.backend == "vptq" or (spec.transform or {}).get("method") == "vptq":
+        names.append("vptq")
+    if gguf:
+        names.append("gguf")
+    return {name: package_version(name) for name in names}
+
+
+def model_fingerprint(spec: ModelSpec, digest: DigestMemo = lambda p: file_sha256(p)) -> str:
+    """A hash of everything that decides the model's outputs.
+
+    For the built-in backends: the bytes of every file read for the model and its tokenizer (weights, configs,
+    generation config, tokenizer files, chat templates; a separate local tokenizer's files too), the revision,
+    dtype, transform, backend and the versions of the packages that compute the numbers. A backend of the
+    user's own contributes its ``fingerprint(spec)``. ``digest`` lets the cache memoise file hashes by the
+    file's identity and change time (``ResultCache.file_digest``).
     """
     if ":" in spec.backend:
         backend_class = import_backend(spec.backend)
         custom = getattr(backend_class, "fingerprint", None)
         if custom is None:
             raise ModelLoadError(f"backend {spec.backend} must define a classmethod fingerprint(spec) -> str")
-        material: dict[str, Any] = {"custom": str(custom(spec))}
+        material: dict[str, Any] = {"custom": str(custom(spec)), "tokenizer": spec.tokenizer}
     else:
         folder, gguf_file = resolve_local(spec)
-        files = _model_files(folder, gguf_file)
-        material = {"files": {str(p.relative_to(folder)): digest(p) for p in files}}
+        tokenizer, tokenizer_gguf = _tokenizer_material(spec, digest)
+        material = {
+            "files": _file_digests(folder, _model_files(folder, gguf_file), digest),
+            "tokenizer": tokenizer,
+            "revision": spec.revision,
+            "runtime": runtime_versions(spec, gguf=gguf_file is not None or tokenizer_gguf),
+        }
     material.update(
-        backend=spec.backend, dtype=spec.dtype, transform=dict(spec.transform or {}),
-        max_length=spec.max_length, tokenizer=spec.tokenizer, scoring=SCORING_VERSION,
+        backend=spec.backend,
+        dtype=spec.dtype,
+        transform=dict(spec.transform or {}),
+        max_length=spec.max_length,
+        scoring=SCORING_VERSION,
     )
     if spec.add_bos_token is not None:
         material["add_bos_token"] = spec.add_bos_token
@@ -172,7 +264,15 @@ def load_backend(spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: s
 
 
 __all__ = [
-    "GENERATION_VERSION", "Backend", "ModelLoadError", "builtin_smollm2", "file_sha256", "load_backend",
-    "model_fingerprint", "pick_device", "resolve_local",
+    "GENERATION_VERSION",
+    "Backend",
+    "ModelLoadError",
+    "builtin_smollm2",
+    "file_sha256",
+    "load_backend",
+    "model_fingerprint",
+    "package_version",
+    "pick_device",
+    "resolve_local",
+    "runtime_versions",
 ]
-
