@@ -86,8 +86,9 @@ class ResultCache:
                 CREATE TABLE IF NOT EXISTS results (
                     key TEXT PRIMARY KEY, model TEXT NOT NULL, task_version TEXT NOT NULL,
                     value TEXT NOT NULL, created REAL NOT NULL);
-                CREATE TABLE IF NOT EXISTS file_digests (
-                    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                CREATE TABLE IF NOT EXISTS file_digests_v2 (
+                    path TEXT PRIMARY KEY, device INTEGER NOT NULL, inode INTEGER NOT NULL,
+                    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
                     sha256 TEXT NOT NULL);
                 CREATE TABLE IF NOT EXISTS verdicts (
                     key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL);
@@ -202,17 +203,41 @@ class ResultCache:
         return int(self.connection.execute("SELECT COUNT(*) FROM results WHERE model = ?", (model,)).fetchone()[0])
 
     def file_digest(self, path: Path) -> str:
-        """sha256 of a file, memoised by (path, size, mtime) so large weights are hashed once."""
+        """sha256 of a file, memoised by its identity and change time (as git's index does): weights are hashed once.
+
+        The memo holds while (resolved path, device, inode, size, mtime, ctime) are all unchanged: a tool that
+        changes the bytes and restores size and mtime (``cp -p``, ``rsync -t``, ``tar x``) cannot restore the
+        ctime, and a file put in another's place has another inode. A file that changed while it was read, or
+        less than two seconds before (a second change within the same timestamp tick would keep its ctime),
+        is hashed but not memoised.
+        """
+        racy_ns = 2_000_000_000  # above the timestamp granularity of common file systems (1 s on some)
+        resolved = str(path.resolve())
         stat = path.stat()
-        row = self.connection.execute(
-            "SELECT sha256 FROM file_digests WHERE path = ? AND size = ? AND mtime_ns = ?",
-            (str(path.resolve()), stat.st_size, stat.st_mtime_ns)).fetchone()
+        identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        self._follow_file()
+        try:
+            row = self.connection.execute(
+                "SELECT sha256 FROM file_digests_v2 WHERE path = ? AND device = ? AND inode = ? AND size = ? "
+                "AND mtime_ns = ? AND ctime_ns = ?",
+                (resolved, *identity),
+            ).fetchone()
+        except sqlite3.OperationalError as error:
+            # A read-only cache written by an older version lacks the table: hash without a memo.
+            if not (self.read_only and "no such table" in str(error)):
+                raise self._explain(error) from None
+            row = None
+        except sqlite3.Error as error:
+            raise self._explain(error) from None
         if row:
             return str(row[0])
         digest = file_sha256(path)
-        self._retry(lambda: self.connection.execute(
-            "INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?)",
-            (str(path.resolve()), stat.st_size, stat.st_mtime_ns, digest)))
+        after = path.stat()
+        unchanged = (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == identity
+        if unchanged and time.time_ns() - stat.st_ctime_ns > racy_ns:
+            self._insert(
+                "INSERT OR REPLACE INTO file_digests_v2 VALUES (?, ?, ?, ?, ?, ?, ?)", [(resolved, *identity, digest)]
+            )
         return digest
 
     # Sandbox verdicts of code tasks. A verdict is a function of the program text, the limits, the sandbox
