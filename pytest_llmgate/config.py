@@ -648,6 +648,83 @@ def _read_table(path: Path) -> dict[str, Any]:
     return dict(nested)
 
 
+def apply_options(
+    raw: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    tasks: str | None = None,
+    policy: str | None = None,
+    cache: str | None = None,
+    no_cache: bool = False,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``--llmgate-*`` options written into the raw table, before validation, so every value gets the
+    checks and messages a value in the file gets; and, per key they set, the option's name for those
+    messages. Paths on the command line are relative to the working directory, so they go in absolute.
+    """
+    raw = _deep_copy(dict(raw))
+    origins: dict[str, str] = {}
+    if limit is not None:
+        # The command line caps every task, also those with a limit of their own.
+        raw["limit"] = limit
+        for settings in raw.get("task", {}).values() if isinstance(raw.get("task"), dict) else ():
+            if isinstance(settings, dict) and "limit" in settings:
+                settings["limit"] = limit
+        origins["limit"] = "--llmgate-limit"
+    if data_dir:
+        raw["data_dir"] = str(Path(data_dir).resolve())
+        origins["data_dir"] = "--llmgate-data-dir"
+    if tasks:
+        raw["tasks"] = [name.strip() for name in tasks.split(",") if name.strip()]
+        origins["tasks"] = "--llmgate-tasks"
+    if policy:
+        raw["policy"] = policy
+        origins["policy"] = "--llmgate-policy"
+    if no_cache:
+        raw["cache"] = False
+    elif cache:
+        raw["cache"] = str(Path(cache).resolve())
+        origins["cache"] = "--llmgate-cache"
+    return raw, origins
+
+
+def load_gate_config(
+    *,
+    rootpath: Path,
+    explicit: str | None = None,
+    assignments: Iterable[str] = (),
+    python_tasks: Any = None,
+    **options: Any,
+) -> tuple[GateConfig, dict[str, Any]]:
+    """The validated configuration and every task it can use (built-in, suites, ``python_tasks()``), configured.
+
+    The one path from files and command line to a ``GateConfig``: the file's table, then the
+    ``--llmgate-*`` options (``apply_options``), then ``--llmgate-set`` (``apply_overrides``), then
+    validation of the whole.
+    """
+    from .tasks import SuiteError, TaskOptions, available_tasks, merge_tasks
+
+    source, raw = find_config_file(rootpath, explicit)
+    raw, origins = apply_options(raw, **options)
+    raw = apply_overrides(raw, assignments)
+    try:
+        registry = available_tasks(raw, source.parent if source is not None else rootpath)
+        # Tasks written in Python (conftest.py's pytest_llmgate_tasks) join before validation names them.
+        if python_tasks is not None:
+            registry = merge_tasks(registry, python_tasks())
+    except SuiteError as error:
+        raise ConfigError(f"llmgate config: {error}") from None
+    gate = parse_config(raw, source=source, known_tasks=registry, rootpath=rootpath, origins=origins)
+    tasks = {}
+    for name, task in registry.items():
+        try:
+            settings = gate.prompt_options(name, pinned_shots=getattr(task, "pins_num_fewshot", False))
+            tasks[name] = task.configured(TaskOptions(**settings))
+        except ValueError as error:
+            raise _fail(f"[tool.llmgate.task.{name}]", str(error)) from None
+    return gate, tasks
+
+
 def apply_overrides(raw: dict[str, Any], assignments: Iterable[str]) -> dict[str, Any]:
     """Apply ``--llmgate-set key.sub=value`` (value parsed as TOML, else a plain string)."""
     raw = _deep_copy(raw)
@@ -711,10 +788,19 @@ def parse_config(
     source: Path | None,
     known_tasks: Mapping[str, Any],
     rootpath: Path,
+    origins: Mapping[str, str] | None = None,
 ) -> GateConfig:
-    """Validate the raw ``[tool.llmgate]`` table into a GateConfig."""
+    """Validate the raw ``[tool.llmgate]`` table into a GateConfig.
+
+    ``origins`` names the command-line option that set a top-level key, for the error messages.
+    """
     base = source.parent if source is not None else rootpath
     raw = dict(raw)
+    origins = dict(origins or {})
+
+    def origin(key: str) -> str:
+        return origins.get(key, f"[tool.llmgate].{key}")
+
     _check_keys(raw, _TOP_KEYS, "[tool.llmgate]")
     preset_names = raw.get("preset", [])
     preset_names = [preset_names] if isinstance(preset_names, str) else preset_names
@@ -773,7 +859,7 @@ def parse_config(
     else:
         raise _fail("[tool.llmgate].recommendations", "expected [[tool.llmgate.recommendations]] entries")
 
-    tasks = _str_list(raw.get("tasks", preset.get("tasks", [])), "[tool.llmgate].tasks")
+    tasks = _str_list(raw.get("tasks", preset.get("tasks", [])), origin("tasks"))
     task_settings: dict[str, TaskSettings] = {}
     user_task_tables = _table(raw.get("task", {}), "[tool.llmgate.task]")
     task_tables = {name: dict(value) for name, value in preset.get("task", {}).items()}
@@ -792,7 +878,7 @@ def parse_config(
     prompt_defaults = _prompt_settings(raw, "[tool.llmgate]")
 
     # Every task a rule or threshold names must exist, or a typo silently disables a gate.
-    named: list[tuple[str, str]] = [(t, "[tool.llmgate].tasks") for t in tasks]
+    named: list[tuple[str, str]] = [(t, origin("tasks")) for t in tasks]
     named += [(t, f"[tool.llmgate.task.{t}]") for t in user_task_tables]
     # Preset groups and rules may name tasks this run does not have; the user's own may not.
     user_groups = _table(raw.get("groups", {}), "[tool.llmgate.groups]")
@@ -826,16 +912,29 @@ def parse_config(
         tasks=tasks,
         task_settings=task_settings,
         groups=groups,
-        limit=_positive_int(raw.get("limit"), "[tool.llmgate].limit", allow_none=True),
+        limit=_positive_int(raw.get("limit"), origin("limit"), allow_none=True),
         seed=seed,
         shard_size=_positive_int(raw.get("shard_size", 32), "[tool.llmgate].shard_size") or 32,
-        data_dir=None if data_dir is None else (base / str(data_dir)).resolve(),
+        data_dir=_data_dir(data_dir, base, origin("data_dir")),
         cache_path=None if cache in (False, "", None) else (base / str(cache)).resolve(),
         chance_margin=_fraction(raw.get("chance_margin", 0.02), "[tool.llmgate].chance_margin"),
-        policy=_policy(raw.get("policy", "point"), "[tool.llmgate].policy"),
+        policy=_policy(raw.get("policy", "point"), origin("policy")),
         confidence=_confidence(raw.get("confidence", 0.95)),
         prompt_defaults=prompt_defaults,
     )
+
+
+def _data_dir(value: Any, base: Path, where: str) -> Path | None:
+    """The local data folder, which must exist (a typo would otherwise fail every task at collection)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _fail(where, f"expected a folder path, got {value!r}")
+    folder = (base / value).resolve()
+    if not folder.is_dir():
+        raise _fail(where, f"{folder} is not a folder; point it at the benchmark data (one folder per task, in "
+                    "the hub's schema), or leave it out to load from the hub")
+    return folder
 
 
 def _policy(value: Any, where: str) -> str:

@@ -242,25 +242,3 @@ def _key(fingerprint: str, item: TaskItem, version: str) -> str:
     """The cache key of ``item`` (of ``version``) on the model with ``fingerprint``."""
     return result_key(fingerprint=fingerprint, task_version=version, prompt_hash=item.prompt_hash(),
                       params=GENERATION_PARAMS if item.generative else REQUEST_PARAMS, item_id=item.qualified_id)
-
-
-def shard_of(nodeid_base: str, item_id: str, shard_size: int) -> str:
-    """The shard key: the test function, the item's group and its block of ``shard_size`` rows.
-
-    Computed from the node id alone, so the xdist controller (which has no items) finds the same
-    shards as the workers.
-    """
-    group, _, index = item_id.rpartition("-")
-    return f"{nodeid_base}[{group}]#{int(index) // shard_size}"
-
-
-def split_nodeid(nodeid: str) -> tuple[str, str] | None:
-    """(function part, parameter id) of a parametrized node id, or None."""
-    if not nodeid.endswith("]") or "[" not in nodeid:
-        return None
-    base, _, param = nodeid[:-1].partition("[")
-    _, sep, index = param.rpartition("-")
-    if not sep or not index.isdigit():
-        return None
-    return base, param
-

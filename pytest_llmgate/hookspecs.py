@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -22,4 +22,13 @@ def pytest_llmgate_tasks(config: pytest.Config) -> Task | Iterable[Task] | None:
     A name clashing with another task, or a task missing what the plugin needs, is a usage error.
 
     :param config: the pytest config (e.g. ``config.rootpath`` to find data files).
+    """
+
+
+@pytest.hookspec
+def pytest_llmgate_outcome(config: pytest.Config, outcome: Any) -> None:
+    """Called on the controller for every benchmark item's outcome (an ``ItemOutcome``) as it arrives.
+
+    Arrival order is xdist's delivery order. ``--llmgate-adaptive`` uses it to stop resolved tasks; a
+    plugin of your own can watch a run's progress with it.
     """

@@ -16,7 +16,7 @@ from conftest import read_jsonl, write_jsonl
 from pytest_llmgate.cache import ResultCache
 from pytest_llmgate.sandbox import CheckResult
 from pytest_llmgate.tasks import TASKS, DatasetError, coding
-from pytest_llmgate.tasks.coding import SANDBOX_TIMEOUT, SandboxError, pass_at_k, use_verdict_store
+from pytest_llmgate.tasks.coding import SANDBOX_TIMEOUT, SandboxError, Verdicts, pass_at_k
 from pytest_llmgate.tasks.humaneval import HumanEval, HumanEvalSampled, bundled_path
 from pytest_llmgate.tasks.mbpp import FEWSHOT_SAMPLES
 
@@ -57,10 +57,8 @@ MBPP_0_PROMPT = (
 
 
 @pytest.fixture(autouse=True)
-def fresh_verdicts(monkeypatch: pytest.MonkeyPatch):
-    """Each test starts with no remembered verdicts and no store."""
-    monkeypatch.setattr(coding, "_memo", type(coding._memo)())
-    monkeypatch.setattr(coding, "_store", None)
+def no_data_dir(monkeypatch: pytest.MonkeyPatch):
+    """Verdicts live on the task copy a run makes (``with_verdicts``), never in the module: nothing to reset."""
     monkeypatch.delenv("LLMGATE_DATA_DIR", raising=False)
 
 
@@ -335,7 +333,7 @@ def _counting_runner(monkeypatch: pytest.MonkeyPatch, status: str = "passed") ->
 
 def test_identical_programs_run_once_per_process(monkeypatch):
     seen = _counting_runner(monkeypatch)
-    task = TASKS["humaneval"]
+    task = TASKS["humaneval"].with_verdicts(Verdicts())
     item = task.item(0, {"prompt": "def f():\n", "test": "", "entry_point": "f"})
     first = task.score(item, [["    return 1\n"]])
     again = task.score(item, [["    return 1\n"]])
@@ -347,13 +345,11 @@ def test_identical_programs_run_once_per_process(monkeypatch):
 def test_verdicts_outlive_the_process_in_the_result_cache(monkeypatch, tmp_path):
     seen = _counting_runner(monkeypatch)
     cache = ResultCache(tmp_path / "cache.sqlite")
-    use_verdict_store(cache)
-    task = TASKS["humaneval"]
+    task = TASKS["humaneval"].with_verdicts(Verdicts(cache))
     item = task.item(0, {"prompt": "def f():\n", "test": "", "entry_point": "f"})
     task.score(item, [["    return 1\n"]])
     cache.close()
-    monkeypatch.setattr(coding, "_memo", type(coding._memo)())  # a new process
-    use_verdict_store(ResultCache(tmp_path / "cache.sqlite"))
+    task = TASKS["humaneval"].with_verdicts(Verdicts(ResultCache(tmp_path / "cache.sqlite")))  # a new run
     side = task.score(item, [["    return 1\n"]])
     assert len(seen) == 1 and side["executions"][0]["cached"] is True
     assert side["executions"][0]["status"] == "passed"
@@ -364,8 +360,7 @@ def test_verdicts_outlive_the_process_in_the_result_cache(monkeypatch, tmp_path)
 
 def test_a_sandbox_that_cannot_run_is_a_harness_error_and_is_not_remembered(monkeypatch, tmp_path):
     seen = _counting_runner(monkeypatch, status="error")
-    use_verdict_store(ResultCache(tmp_path / "cache.sqlite"))
-    task = TASKS["humaneval"]
+    task = TASKS["humaneval"].with_verdicts(Verdicts(ResultCache(tmp_path / "cache.sqlite")))
     item = task.item(0, {"prompt": "def f():\n", "test": "", "entry_point": "f"})
     for _ in range(2):
         with pytest.raises(SandboxError, match="could not run 1 of 1 program"):

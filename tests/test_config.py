@@ -123,6 +123,7 @@ def test_config_file_discovery(tmp_path):
 
 def test_relative_paths_are_relative_to_the_config(tmp_path):
     (tmp_path / "weights").mkdir()
+    (tmp_path / "data").mkdir()  # a data_dir that does not exist is a usage error (test_faults.py)
     config = parse_config({"models": {"m": {"path": "./weights"}}, "data_dir": "data"},
                           source=tmp_path / "pyproject.toml", known_tasks=TASKS, rootpath=tmp_path)
     assert config.models["m"].path == str(tmp_path / "weights")

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import BASELINE_STAGE
 from ..gate import RuleResult, RunDecision, StageVerdict
+from ..outcome import ItemOutcome
 from ..stats import TaskStats
 
 SCHEMA = "llmgate-report/1"
@@ -86,7 +87,7 @@ def build_report(
     decision: RunDecision,
     exit_code: int,
     stats: Mapping[str, TaskStats],
-    items: Sequence[Mapping[str, Any]],
+    items: Sequence[ItemOutcome],
     models: Mapping[str, Any],
     workers: Mapping[str, Any],
     harness_errors: int,
@@ -130,11 +131,11 @@ def build_report(
     }
     report = {**_finite(report), "items": []}
     for outcome in items:
-        sides = outcome["sides"]
+        sides = outcome.sides
         report["items"].append({
-            "task": outcome["task"], "doc_id": outcome["doc_id"], "id": outcome["id"],
-            "metric": outcome["metric"], "gold": outcome["gold"], "chance": outcome["chance"],
-            "status": outcome["status"], "worker": outcome["worker"],
+            "task": outcome.task, "doc_id": outcome.doc_id, "id": outcome.item_id,
+            "metric": outcome.metric, "gold": outcome.gold, "chance": outcome.chance,
+            "status": outcome.status, "worker": outcome.worker,
             "baseline": sides.get(BASELINE_STAGE),
             "candidate": sides.get(candidate_role) if candidate_role else None,
             "stages": {role: side for role, side in sides.items() if role != BASELINE_STAGE},

@@ -12,6 +12,7 @@ and, with a verdict store (the result cache), once across runs.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -91,14 +92,56 @@ class VerdictStore(Protocol):
         ...
 
 
-_store: VerdictStore | None = None
-_memo: OrderedDict[str, dict[str, Any]] = OrderedDict()
+class Verdicts:
+    """Sandbox verdicts remembered for one run: the last ``MEMO_SIZE`` in memory, all of them in ``store``
+    (the result cache) when one is given, so a warm run executes nothing. Each run owns its own."""
 
+    def __init__(self, store: VerdictStore | None = None) -> None:
+        self.store = store
+        self.memo: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
-def use_verdict_store(store: VerdictStore | None) -> None:
-    """Remember verdicts in ``store`` across runs (None: only within this process)."""
-    global _store
-    _store = store
+    def _stored(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        if not keys or self.store is None:
+            return {}
+        from ..cache import CacheError
+
+        try:
+            return self.store.get_verdicts(keys)
+        except CacheError:  # a failing cache costs a rerun of the programs, never the run
+            return {}
+
+    def execute(self, programs: Sequence[str], timeout: float = SANDBOX_TIMEOUT, max_workers: int | None = None,
+                prelude: str = CODE_EVAL_PRELUDE) -> list[dict[str, Any]]:
+        """See ``execute``."""
+        from ..sandbox import run_checks
+
+        programs = [prelude + program for program in programs]
+        keys = [verdict_key(program, timeout) for program in programs]
+        found: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            if key in self.memo:
+                self.memo.move_to_end(key)
+                found[key] = self.memo[key]
+        found.update(self._stored([key for key in dict.fromkeys(keys) if key not in found]))
+        todo = {key: program for key, program in zip(keys, programs, strict=True) if key not in found}
+        fresh: dict[str, dict[str, Any]] = {}
+        if todo:
+            workers = max_workers or min(len(todo), os.cpu_count() or 1)
+            for key, result in zip(todo, run_checks(list(todo.values()), timeout, max_workers=workers), strict=True):
+                record = result.as_dict()
+                record["stdout"] = str(record["stdout"])[:OUTPUT_KEPT]
+                record["stderr"] = str(record["stderr"])[:OUTPUT_KEPT]
+                record["passed"] = result.passed
+                fresh[key] = record
+        remember = {key: record for key, record in fresh.items() if record["status"] != "error"}
+        if remember and self.store is not None:
+            self.store.put_verdicts(remember)
+        for key, record in {**found, **remember}.items():
+            self.memo[key] = record
+            self.memo.move_to_end(key)
+        while len(self.memo) > MEMO_SIZE:
+            self.memo.popitem(last=False)
+        return [dict(fresh[key], cached=False) if key in fresh else dict(found[key], cached=True) for key in keys]
 
 
 @functools.cache
@@ -120,44 +163,15 @@ def verdict_key(program: str, timeout: float) -> str:
 
 
 def execute(programs: Sequence[str], timeout: float = SANDBOX_TIMEOUT, max_workers: int | None = None,
-            prelude: str = CODE_EVAL_PRELUDE) -> list[dict[str, Any]]:
+            prelude: str = CODE_EVAL_PRELUDE, verdicts: Verdicts | None = None) -> list[dict[str, Any]]:
     """Run ``prelude + program`` in the sandbox for each program; its verdict as a report record, in input order.
 
     A record is ``CheckResult.as_dict()`` (stdout and stderr cut to ``OUTPUT_KEPT`` characters) plus
-    ``passed`` and ``cached`` (True when the verdict was remembered rather than run now). A verdict
-    with status "error" (the sandbox could not run the program) is never remembered.
+    ``passed`` and ``cached`` (True when ``verdicts`` remembered it rather than running it now). A verdict
+    with status "error" (the sandbox could not run the program) is never remembered. Without ``verdicts``
+    nothing is remembered beyond this call.
     """
-    from ..sandbox import run_checks
-
-    programs = [prelude + program for program in programs]
-    keys = [verdict_key(program, timeout) for program in programs]
-    found: dict[str, dict[str, Any]] = {}
-    for key in keys:
-        if key in _memo:
-            _memo.move_to_end(key)
-            found[key] = _memo[key]
-    wanted = [key for key in dict.fromkeys(keys) if key not in found]
-    if wanted and _store is not None:
-        found.update(_store.get_verdicts(wanted))
-    todo = {key: program for key, program in zip(keys, programs, strict=True) if key not in found}
-    fresh: dict[str, dict[str, Any]] = {}
-    if todo:
-        workers = max_workers or min(len(todo), os.cpu_count() or 1)
-        for key, result in zip(todo, run_checks(list(todo.values()), timeout, max_workers=workers), strict=True):
-            record = result.as_dict()
-            record["stdout"] = str(record["stdout"])[:OUTPUT_KEPT]
-            record["stderr"] = str(record["stderr"])[:OUTPUT_KEPT]
-            record["passed"] = result.passed
-            fresh[key] = record
-    remember = {key: record for key, record in fresh.items() if record["status"] != "error"}
-    if remember and _store is not None:
-        _store.put_verdicts(remember)
-    for key, record in {**found, **remember}.items():
-        _memo[key] = record
-        _memo.move_to_end(key)
-    while len(_memo) > MEMO_SIZE:
-        _memo.popitem(last=False)
-    return [dict(fresh[key], cached=False) if key in fresh else dict(found[key], cached=True) for key in keys]
+    return (verdicts if verdicts is not None else Verdicts()).execute(programs, timeout, max_workers, prelude)
 
 
 class CodeTask(GenerationTask):
@@ -173,6 +187,7 @@ class CodeTask(GenerationTask):
     default_metric: ClassVar[str] = "pass@1"
     ks: ClassVar[tuple[int, ...]] = (1,)
     timeout: ClassVar[float] = SANDBOX_TIMEOUT
+    verdicts: Verdicts | None = None  # set per run by ``with_verdicts``; None remembers nothing
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -182,6 +197,12 @@ class CodeTask(GenerationTask):
                             f"(samples = {cls.samples}, temperature = {cls.temperature}); got ks = {cls.ks}")
         if "metrics" not in cls.__dict__:
             cls.metrics = tuple(f"pass@{k}" for k in cls.ks)
+
+    def with_verdicts(self, verdicts: Verdicts) -> CodeTask:
+        """A copy of this task that remembers sandbox verdicts in ``verdicts`` (one per run)."""
+        task = copy.copy(self)
+        task.verdicts = verdicts
+        return task
 
     def solution_prefix(self, doc: dict[str, Any]) -> str:
         """Text that comes before the completion in the program (HumanEval: the prompt)."""
@@ -212,7 +233,7 @@ class CodeTask(GenerationTask):
     def score(self, item: TaskItem, results: Sequence[Any]) -> dict[str, Any]:
         """Run every completion; record each execution and pass@k over the samples."""
         completions = self.completions(item, results)
-        executions = execute([self.program(item, c) for c in completions], self.timeout)
+        executions = execute([self.program(item, c) for c in completions], self.timeout, verdicts=self.verdicts)
         broken = [e for e in executions if e["status"] == "error"]
         if broken:
             raise SandboxError(f"{item.task} {item.item_id}: the sandbox could not run {len(broken)} of "

@@ -1,0 +1,181 @@
+"""The deciding side, in the controller only: tally the outcomes on the reports, decide, report, exit.
+
+The controller is the one pytest process without xdist, or xdist's controller (which has no items:
+everything the verdict needs travels on the reports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from . import EXIT_UNCHECKED
+from .config import BASELINE_STAGE
+from .outcome import ItemOutcome, Tally
+from .state import RunState
+
+
+class GateController:
+    """Tallies outcomes, decides the verdict, writes the reports, escalates the exit status."""
+
+    def __init__(self, config: pytest.Config, state: RunState) -> None:
+        self.config = config
+        self.state = state
+        self.tally = Tally()
+        self.harness_errors = 0
+        self.collection_errors = 0
+        self.interrupted = False
+        self.crashed: list[str] = []  # node ids of items whose xdist worker died while running them
+        self.rendered: list[tuple[str, dict[str, bool]]] = []
+        self.report_error: str | None = None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Collect outcomes and count harness errors of llmgate items."""
+        outcome = getattr(report, "llmgate", None)
+        if outcome is not None and report.when == "call":
+            typed = self.tally.add(outcome)
+            self.config.hook.pytest_llmgate_outcome(config=self.config, outcome=typed)
+        elif getattr(report, "llmgate_item", False) and report.failed and report.when == "setup":
+            self.harness_errors += 1
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        """A module that failed to collect (a dataset that does not load): its items never run."""
+        if report.failed:
+            self.collection_errors += 1
+
+    def pytest_keyboard_interrupt(self) -> None:
+        """Ctrl-C (or a KeyboardInterrupt from a backend): the run is not complete, whatever ran."""
+        self.interrupted = True
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_handlecrashitem(self, crashitem: str) -> None:
+        """pytest-xdist: a worker died while running ``crashitem``; xdist reports that item as failed."""
+        self.crashed.append(crashitem)
+
+    def _unchecked(self, stats: Mapping[str, Any], stages: list[str]) -> list[str]:
+        """What the gate could not check: configured rules whose tasks had no evaluated item."""
+        state = self.state
+        if stats:
+            nothing = []
+        elif self.harness_errors or self.collection_errors:
+            nothing = ["no benchmark item produced an outcome: see the errors above"]
+        else:
+            nothing = ["no benchmark item ran: no test marked @pytest.mark.llmgate was collected under the given "
+                       "paths, or -k / -m / --llmgate-tasks deselected them all (gate a subset of tasks with "
+                       "--llmgate-tasks=A,B)"]
+        if state.stage == BASELINE_STAGE:
+            return nothing
+        gate = state.gate
+        needed: dict[str, str] = {}
+        for task in gate.tasks:
+            needed.setdefault(task, "--llmgate-tasks" if self.config.getoption("llmgate_tasks")
+                              else "[tool.llmgate].tasks")
+        for name in stages:
+            for task in gate.stage(name).tasks:
+                needed.setdefault(task, f"stage '{name}' thresholds for {task}")
+        for rule in gate.critical:
+            for task in rule.tasks:
+                needed.setdefault(task, f"the rule '{rule.label}'")
+        missing = []
+        for task, why in needed.items():
+            st = stats.get(task)
+            absent = [role for role in (BASELINE_STAGE, *stages) if st is None or role not in st.scores]
+            if st is None:
+                missing.append(f"{task} not checked: no item ran, but {why} needs it (no collected benchmark "
+                               "module declares it, -k / -m deselected its items, or they all errored)")
+            elif absent:
+                missing.append(f"{task} not checked: no item has results of {', '.join(absent)}, but {why} "
+                               "needs them")
+        return nothing + missing
+
+    def _problems(self, session: pytest.Session, unchecked: list[str]) -> list[str]:
+        """Why the run is not complete, the cause first (the headline names the first)."""
+        problems = []
+        if self.collection_errors:
+            problems.append(f"{self.collection_errors} module(s) failed to collect: see the errors above; "
+                            "none of their items ran")
+        if self.harness_errors:
+            problems.append(f"{self.harness_errors} item(s) hit harness errors: see the errors above")
+        for nodeid in self.crashed:
+            rerun = any(o.item_id == nodeid.rpartition("[")[2].rstrip("]") for o in self.tally.outcomes.values())
+            problems.append(
+                f"an xdist worker died while running {nodeid}: pytest counts that item as failed (exit 1)"
+                + (", and again when the replacement worker re-ran it; the figures count its re-run once" if rerun
+                   else "; the figures above do not include it")
+                + ". Run again for a verdict: every finished shard is read from the cache")
+        stopped = self.interrupted and not self.collection_errors  # pytest stops on collection errors itself
+        if stopped or session.shouldstop or session.shouldfail:
+            problems.append("the run was stopped before every selected item ran (interrupted, -x or --maxfail)")
+        return problems + unchecked
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Decide the verdict, write the report, escalate the exit status (never lower it)."""
+        from .gate import decide_run
+        from .report.json_report import build_report, write_report
+        from .report.terminal import render
+
+        state = self.state
+        assert state.stage is not None
+        if self.config.option.collectonly:
+            return
+        stats = self.tally.task_stats(state.gate.confidence)
+        decision = decide_run(state.gate, state.stage, stats, adaptive=state.adaptive)
+        unchecked = self._unchecked(stats, [v.stage for v in decision.stages])
+        problems = self._problems(session, unchecked)
+        exit_code = int(session.exitstatus)
+        if exit_code == 0:
+            exit_code = EXIT_UNCHECKED if unchecked else decision.exit_code
+            session.exitstatus = exit_code
+        items = self.tally.ordered()
+        models, workers, notes = _summaries(items)
+        self.rendered = render(decision, stats, exit_code=exit_code, problems=problems, notes=notes,
+                               models=models, cache=state.gate.cache_path is not None)
+        if state.adaptive is not None:
+            resolved = ", ".join(
+                f"{task} {v['decision']} after {v['items']} items" for task, v in state.adaptive.items())
+            self.rendered.insert(0, (f"llmgate adaptive: {resolved or 'no task resolved early'}; "
+                                     f"{state.adaptive_skipped} items skipped", {"bold": True}))
+        if state.report_path is not None:
+            try:
+                write_report(state.report_path, build_report(
+                    decision=decision, exit_code=exit_code, stats=stats, items=items, models=models,
+                    workers=workers, harness_errors=self.harness_errors, chance_margin=state.gate.chance_margin,
+                    policy=state.gate.policy, adaptive=state.adaptive, skipped=state.adaptive_skipped,
+                    problems=problems, unchecked=unchecked, notes=notes))
+            except OSError as error:
+                # The verdict and the exit code stand; only the file is missing, and the summary says so.
+                self.report_error = (f"llmgate: could not write the JSON report to {state.report_path}: "
+                                     f"{error.strerror or error}; the verdict above stands (exit {exit_code})")
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """The table and the verdict."""
+        if not self.rendered:
+            return
+        terminalreporter.section("llmgate", sep="=")
+        for line, markup in self.rendered:
+            terminalreporter.write_line(line, **markup)
+        if self.report_error is not None:
+            terminalreporter.write_line(self.report_error, red=True, bold=True)
+        elif self.state.report_path is not None:
+            terminalreporter.write_line(f"llmgate report: {self.state.report_path}")
+
+
+def _summaries(items: list[ItemOutcome]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, int]], list[str]]:
+    """Per model role: name, fingerprint, evaluated/cached/stored counts; per worker: model loads; cache notes."""
+    models: dict[str, dict[str, Any]] = {}
+    workers: dict[str, dict[str, int]] = {}
+    notes: list[str] = []
+    for outcome in items:
+        for role, side in outcome.sides.items():
+            info = models.setdefault(role, {"name": side["model"], "fingerprint": side["fingerprint"],
+                                            "evaluated": 0, "cached": 0, "stored": 0})
+            info["cached" if side["cached"] else "evaluated"] += 1
+            info["stored"] += bool(side.get("stored", side["cached"]))
+        loads = workers.setdefault(outcome.worker, {})
+        for name, count in outcome.loads.items():
+            loads[name] = max(loads.get(name, 0), count)
+        notes.extend(note for note in outcome.notes if note not in notes)
+    return models, workers, notes
