@@ -214,7 +214,7 @@ def _register_features(config: pytest.Config, state: Any) -> None:
         from .controller import GateController
 
         plugins.register(GateController(config, state), "llmgate-controller")
-        if plugins.hasplugin("xdist"):
+        if plugins.hasplugin("xdist") and getattr(config.option, "dist", "no") != "no":  # -n / --dist in use
             from .xdist_support import XdistShardPlugin
 
             plugins.register(XdistShardPlugin(state.gate.shard_size), "llmgate-xdist")
