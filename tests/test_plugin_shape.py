@@ -97,7 +97,8 @@ def test_ini_keys_stand_in_for_the_options(project):
 
 
 def test_the_command_line_limit_caps_a_task_limit_too(project):
-    project.config(project.path.joinpath("pyproject.toml").read_text() + "\n[tool.llmgate.task.arc_challenge]\nlimit = 12\n")
+    text = project.path.joinpath("pyproject.toml").read_text()
+    project.config(text + "\n[tool.llmgate.task.arc_challenge]\nlimit = 12\n")
     project.run("--stage=mild", "--llmgate-report=report.json")
     assert project.report()["tasks"]["arc_challenge"]["n"] == 12
     project.run("--stage=mild", "--llmgate-limit=3", "--llmgate-report=report.json")
