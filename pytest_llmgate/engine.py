@@ -16,7 +16,7 @@ from typing import Any
 
 from .cache import CacheError, ResultCache, result_key
 from .config import ModelSpec
-from .models import GENERATION_VERSION, Backend, load_backend, model_fingerprint, pick_device
+from .models import GENERATION_VERSION, Backend, ModelPool, load_backend, model_fingerprint, pick_device
 from .tasks.base import GenerationRequest, Request, TaskItem
 
 REQUEST_PARAMS = {"type": "loglikelihood"}
@@ -52,6 +52,7 @@ class Engine:
     _memo: dict[tuple[str, str], SideResult] = field(default_factory=dict)
     _failed: dict[tuple[str, str], str] = field(default_factory=dict)  # (fingerprint, item) -> error
     _cache_notes: list[str] = field(default_factory=list)  # why the cache stopped being used, if it did
+    pool: ModelPool = field(default_factory=ModelPool)  # weights read once per run, shared by its stages
 
     @property
     def notes(self) -> list[str]:
@@ -96,7 +97,7 @@ class Engine:
 
                 torch.set_num_threads(self.cpu_threads)
             self._backends[fingerprint] = load_backend(
-                spec, device=device, work_dir=self.work_dir, fingerprint=fingerprint)
+                spec, device=device, work_dir=self.work_dir, fingerprint=fingerprint, pool=self.pool)
             self.loads[spec.name] += 1
         return self._backends[fingerprint]
 

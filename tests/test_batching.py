@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from pytest_llmgate.config import ModelSpec, parse_config  # noqa: E402
-from pytest_llmgate.models import builtin_smollm2, load_backend, model_fingerprint  # noqa: E402
+from pytest_llmgate.models import ModelPool, builtin_smollm2, load_backend, model_fingerprint  # noqa: E402
 from pytest_llmgate.models.batching import CPU_ROWS, CPU_TOKENS, BatchSizer, OutOfMemory  # noqa: E402
 from pytest_llmgate.models.transformers_backend import _tokenizer  # noqa: E402
 from pytest_llmgate.tasks import TASKS  # noqa: E402
@@ -111,9 +111,9 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any) -
     return save_tiny(tmp_path_factory.mktemp("tiny"), smol_tokenizer)
 
 
-def backend_for(folder: Path, tmp_path: Path, **options: Any) -> Any:
+def backend_for(folder: Path, tmp_path: Path, pool: ModelPool | None = None, **options: Any) -> Any:
     spec = ModelSpec(name="tiny", path=str(folder), **options)
-    return load_backend(spec, device="cpu", work_dir=tmp_path, fingerprint=model_fingerprint(spec))
+    return load_backend(spec, device="cpu", work_dir=tmp_path, fingerprint=model_fingerprint(spec), pool=pool)
 
 
 def fail_above(monkeypatch: pytest.MonkeyPatch, backend: Any, max_rows: int) -> list[int]:
@@ -255,11 +255,13 @@ def test_add_bos_token_changes_the_fingerprint(tiny_folder: Path) -> None:
 
 
 def test_cpu_backends_share_untransformed_weights_and_copy_for_transforms(tiny_folder: Path, tmp_path: Path) -> None:
-    plain = backend_for(tiny_folder, tmp_path)
-    again = backend_for(tiny_folder, tmp_path)
+    pool = ModelPool()  # one run's: its engine owns it
+    plain = backend_for(tiny_folder, tmp_path, pool)
+    again = backend_for(tiny_folder, tmp_path, pool)
     assert again.model is plain.model  # one copy of the weights in memory, not one per backend
+    assert backend_for(tiny_folder, tmp_path, ModelPool()).model is not plain.model  # another run shares nothing
     before = {k: v.clone() for k, v in plain.model.state_dict().items()}
-    quantized = backend_for(tiny_folder, tmp_path, transform={"method": "rtn", "bits": 2, "group_size": 16})
+    quantized = backend_for(tiny_folder, tmp_path, pool, transform={"method": "rtn", "bits": 2, "group_size": 16})
     assert quantized.model is not plain.model
     changed = [k for k, v in quantized.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed  # the transform did change weights, on its own copy only

@@ -307,7 +307,6 @@ def test_bad_vptq_options_are_refused(
 
 def test_missing_vptq_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(quantize, "_vptq_module", None)
     monkeypatch.setattr(
         importlib.util,
         "find_spec",

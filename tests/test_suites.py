@@ -254,13 +254,13 @@ def test_python_scorer_gets_the_completion_and_the_row(tmp_path, monkeypatch):
         "def contains(completion, row):\n    return row['keyword'] in completion\n"
         "def half(completion, row):\n    return 0.5\n"
         "def broken(completion, row):\n    return 'yes'\n")
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the config's folder is added when the import needs it
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the config's folder is added for the import only
     for name in ("my_scorers_for_suites", "raising_scorer_module"):
         monkeypatch.setitem(sys.modules, name, None)
         monkeypatch.delitem(sys.modules, name)  # absent now, and again after the test
     assert score("python:my_scorers_for_suites:contains", "a flaky test", None, {"keyword": "flaky"},
                  tmp_path) == (1.0, None)
-    assert str(tmp_path) in sys.path
+    assert str(tmp_path) not in sys.path  # the session leaves sys.path as it found it
     assert score("python:my_scorers_for_suites:half", "x", None, {}, tmp_path)[0] == 0.5
     spec = parse_scorer({"type": "python", "function": "my_scorers_for_suites:contains", "metric": "mentions"},
                         tmp_path, "s")

@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -253,14 +254,31 @@ def pick_device(requested: str, worker_index: int | None) -> str:
     return "cpu"
 
 
-def load_backend(spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str) -> Backend:
+@dataclass
+class ModelPool:
+    """Models and tokenizers read from disk during one run, owned by its engine.
+
+    Every stage of a ladder usually starts from the same weights: they are read (and parsed) once and
+    each backend that changes them gets its own copy. A new run starts with an empty pool.
+    """
+
+    pristine: dict[tuple[str, str | None, str, str | None], Any] = field(default_factory=dict)
+    tokenizers: dict[tuple[str, str | None], Any] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        """Drop the pristine models (tokenizers are small and stay)."""
+        self.pristine.clear()
+
+
+def load_backend(spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str,
+                 pool: ModelPool | None = None) -> Backend:
     """Instantiate the backend for ``spec`` on ``device``."""
     if ":" in spec.backend:
         backend_class = import_backend(spec.backend)
         return backend_class(spec, device=device)  # type: ignore[no-any-return]
     from .transformers_backend import TransformersBackend
 
-    return TransformersBackend(spec, device=device, work_dir=work_dir, fingerprint=fingerprint)
+    return TransformersBackend(spec, device=device, work_dir=work_dir, fingerprint=fingerprint, pool=pool)
 
 
 __all__ = [

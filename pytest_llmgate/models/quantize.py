@@ -29,6 +29,7 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -70,7 +71,6 @@ _ASSIGN_CHUNK_ROWS = 8192
 # sequential (one pass per centroid), so seeding on every vector would dominate the run time.
 _SEED_SAMPLE_PER_CENTROID = 32
 
-_vptq_module: ModuleType | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def load_vptq_model(
     _read_vptq_config(root)
     vptq = require_vptq()
     started = time.perf_counter()
-    with _vptq_progress_bars_off():
+    with _vptq_progress_bars_off(), _transformers_shim():
         model = vptq.AutoModelForCausalLM.from_pretrained(
             str(root), device_map={"": device}, dtype=torch_dtype
         )
@@ -355,17 +355,13 @@ def load_vptq_model(
 
 
 def require_vptq() -> ModuleType:
-    """Import ``vptq`` quietly and make it work with transformers 5; raise a clear error if absent.
+    """Import ``vptq`` quietly; raise a clear error if absent.
 
-    ``vptq`` 0.0.5 looks for ``transformers.modeling_utils.no_init_weights``, which moved to
-    ``transformers.initialization`` in transformers 5; its import prints CUDA warnings to
-    stdout, calls ``logging.basicConfig`` and triggers a DeprecationWarning from
-    sentence-transformers. The prints go to this module's debug log, the root logger is
-    restored, and that one warning is ignored.
+    Its import prints CUDA warnings to stdout, calls ``logging.basicConfig`` and triggers a
+    DeprecationWarning from sentence-transformers. The prints go to this module's debug log, the
+    root logger is restored, and that one warning is ignored. (Loading through it needs
+    ``_transformers_shim``: ``load_vptq_model`` applies it for the load only.)
     """
-    global _vptq_module
-    if _vptq_module is not None:
-        return _vptq_module
     missing = [
         name
         for name in ("vptq", "accelerate", "sentence_transformers")
@@ -376,13 +372,8 @@ def require_vptq() -> ModuleType:
             f"loading VPTQ checkpoints needs {', '.join(missing)}, which is not installed: "
             f"{VPTQ_INSTALL_HINT}"
         )
-    import transformers.modeling_utils
-
-    if not hasattr(transformers.modeling_utils, "no_init_weights"):
-        from transformers.initialization import no_init_weights
-
-        transformers.modeling_utils.no_init_weights = no_init_weights  # type: ignore[attr-defined]
-
+    if "vptq.utils.pack" in sys.modules:  # imported already, quietly
+        return sys.modules["vptq"]
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     printed = io.StringIO()
@@ -406,8 +397,29 @@ def require_vptq() -> ModuleType:
         root.setLevel(saved_level)
     if printed.getvalue().strip():
         logger.debug("vptq import printed: %s", printed.getvalue().strip())
-    _vptq_module = module
     return module
+
+
+@contextlib.contextmanager
+def _transformers_shim() -> Iterator[None]:
+    """Lend ``transformers.modeling_utils.no_init_weights`` to vptq for one call, then take it back.
+
+    ``vptq`` 0.0.5 calls it while loading; transformers 5 moved it to ``transformers.initialization``.
+    The attribute exists only while a VPTQ model loads, so the rest of the process sees transformers as
+    it is.
+    """
+    import transformers.modeling_utils
+
+    if hasattr(transformers.modeling_utils, "no_init_weights"):
+        yield
+        return
+    from transformers.initialization import no_init_weights
+
+    transformers.modeling_utils.no_init_weights = no_init_weights  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        del transformers.modeling_utils.no_init_weights  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------

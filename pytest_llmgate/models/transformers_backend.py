@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
-from . import ModelLoadError, resolve_local
+from . import ModelLoadError, ModelPool, resolve_local
 from .batching import CPU_GENERATION_TOKENS, BatchSizer
 from .generation import encode_text, generate_completions, render_chat
 from .kv_scoring import KVScorer, span_scores
@@ -32,32 +32,30 @@ def _torch_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, _DTYPES[name])
 
 
-# Every stage of a ladder usually starts from the same weights: read them (and the tokenizer) once
-# per process and hand each backend that changes them its own copy, instead of parsing the files again.
-_PRISTINE: dict[tuple[str, str | None, str, str | None], Any] = {}
-_TOKENIZERS: dict[tuple[str, str | None], Any] = {}
-
-
-def _tokenizer(folder: Path, gguf_file: str | None) -> Any:
+def _tokenizer(folder: Path, gguf_file: str | None, pool: ModelPool | None = None) -> Any:
+    """The tokenizer of ``folder`` (or of its GGUF file), read once per pool."""
     import transformers
 
     key = (str(folder), gguf_file)
-    if key not in _TOKENIZERS:
+    tokenizers = pool.tokenizers if pool is not None else {}
+    if key not in tokenizers:
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        _TOKENIZERS[key] = transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
-    return _TOKENIZERS[key]
+        tokenizers[key] = transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    return tokenizers[key]
 
 
-def _pretrained(folder: Path, gguf_file: str | None, dtype: str, revision: str | None, *, private: bool) -> Any:
-    """The model read from ``folder``, once per process. ``private``: a copy the caller may change (a
-    transform, a move to a GPU); otherwise the process's shared copy itself, which saves the memory of a
-    second copy when the model is evaluated as it is on the CPU."""
+def _pretrained(folder: Path, gguf_file: str | None, dtype: str, revision: str | None, *, private: bool,
+                pool: ModelPool | None = None) -> Any:
+    """The model read from ``folder``, once per pool. ``private``: a copy the caller may change (a transform,
+    a move to a GPU); otherwise the pool's shared copy itself, which saves the memory of a second copy when
+    the model is evaluated as it is on the CPU."""
     import copy
 
     import transformers
 
     key = (str(folder), gguf_file, dtype, revision)
-    if key not in _PRISTINE:
+    pristine = pool.pristine if pool is not None else {}
+    if key not in pristine:
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         if revision:
             kwargs["revision"] = revision
@@ -68,25 +66,27 @@ def _pretrained(folder: Path, gguf_file: str | None, dtype: str, revision: str |
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-        _PRISTINE[key] = model
-    return copy.deepcopy(_PRISTINE[key]) if private else _PRISTINE[key]
+        pristine[key] = model
+    return copy.deepcopy(pristine[key]) if private else pristine[key]
 
 
 class TransformersBackend:
     """A causal LM from transformers (local folder, GGUF file or hub id), optionally transformed."""
 
-    def __init__(self, spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str) -> None:
+    def __init__(self, spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str,
+                 pool: ModelPool | None = None) -> None:
         import torch
 
         self._torch = torch
         self.spec = spec
+        self.pool = pool
         self.device = device
         folder, gguf_file = resolve_local(spec)
         revision = spec.revision if spec.revision and not Path(spec.path).exists() else None
         try:
             tokenizer_source = resolve_local(
                 ModelSpec(name=spec.name, path=spec.tokenizer)) if spec.tokenizer else (folder, gguf_file)
-            self.tokenizer = _tokenizer(*tokenizer_source)
+            self.tokenizer = _tokenizer(*tokenizer_source, pool=pool)
             if spec.backend == "vptq":
                 from .quantize import load_vptq_model
 
@@ -94,7 +94,7 @@ class TransformersBackend:
             else:
                 # Evaluated as it is on the CPU, the model is never changed: no copy needed.
                 model = _pretrained(folder, gguf_file, spec.dtype, revision,
-                                    private=bool(spec.transform) or device != "cpu")
+                                    private=bool(spec.transform) or device != "cpu", pool=pool)
         except ModelLoadError:
             raise
         except Exception as error:
@@ -223,8 +223,9 @@ class TransformersBackend:
                                     add_bos_token=self.spec.add_bos_token)
 
     def close(self) -> None:
-        """Drop the model (and the process's pristine copies) and free accelerator memory."""
+        """Drop the model (and the pool's pristine copies) and free accelerator memory."""
         del self.model
-        _PRISTINE.clear()
+        if self.pool is not None:
+            self.pool.clear()
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()

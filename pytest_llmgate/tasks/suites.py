@@ -196,12 +196,15 @@ def _import_function(target: str, base: Path, where: str) -> Callable[..., Any]:
         if error.name != top or not beside or str(base) in sys.path:
             raise SuiteError(where, f"cannot import {module_name!r}: {error}; the module must be importable "
                                     f"(on sys.path, or beside the config file in {base})") from None
-        # A scorers.py beside the config file is the usual place: look there too.
+        # A scorers.py beside the config file is the usual place: look there too, for this import only
+        # (the session leaves sys.path as it found it).
         sys.path.append(str(base))
         try:
             module = importlib.import_module(module_name)
         except Exception as again:
             raise SuiteError(where, f"importing {module_name!r} failed: {type(again).__name__}: {again}") from None
+        finally:
+            sys.path.remove(str(base))
     except Exception as error:
         raise SuiteError(where, f"importing {module_name!r} failed: {type(error).__name__}: {error}") from None
     function = getattr(module, attribute, None)
