@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import pytest
 
@@ -172,7 +172,7 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
     )
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -662,30 +662,30 @@ def apply_options(
     checks and messages a value in the file gets; and, per key they set, the option's name for those
     messages. Paths on the command line are relative to the working directory, so they go in absolute.
     """
-    raw = _deep_copy(dict(raw))
+    table: dict[str, Any] = _deep_copy(dict(raw))
     origins: dict[str, str] = {}
     if limit is not None:
         # The command line caps every task, also those with a limit of their own.
-        raw["limit"] = limit
-        for settings in raw.get("task", {}).values() if isinstance(raw.get("task"), dict) else ():
+        table["limit"] = limit
+        for settings in table.get("task", {}).values() if isinstance(table.get("task"), dict) else ():
             if isinstance(settings, dict) and "limit" in settings:
                 settings["limit"] = limit
         origins["limit"] = "--llmgate-limit"
     if data_dir:
-        raw["data_dir"] = str(Path(data_dir).resolve())
+        table["data_dir"] = str(Path(data_dir).resolve())
         origins["data_dir"] = "--llmgate-data-dir"
     if tasks:
-        raw["tasks"] = [name.strip() for name in tasks.split(",") if name.strip()]
+        table["tasks"] = [name.strip() for name in tasks.split(",") if name.strip()]
         origins["tasks"] = "--llmgate-tasks"
     if policy:
-        raw["policy"] = policy
+        table["policy"] = policy
         origins["policy"] = "--llmgate-policy"
     if no_cache:
-        raw["cache"] = False
+        table["cache"] = False
     elif cache:
-        raw["cache"] = str(Path(cache).resolve())
+        table["cache"] = str(Path(cache).resolve())
         origins["cache"] = "--llmgate-cache"
-    return raw, origins
+    return table, origins
 
 
 def load_gate_config(
@@ -852,6 +852,7 @@ def parse_config(
     critical = tuple(_critical_rule(r, i) for i, r in enumerate(critical_raw))
 
     recs_raw = raw.get("recommendations")
+    recommendations: tuple[Recommendation, ...]
     if recs_raw is None:
         recommendations = DEFAULT_RECOMMENDATIONS
     elif isinstance(recs_raw, list):

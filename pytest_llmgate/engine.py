@@ -197,7 +197,8 @@ class Engine:
             # -inf (a continuation the model gives probability 0) is an answer; NaN or a positive value is a bug.
             if math.isnan(ll) or ll > 1e-3:
                 raise ShardError(
-                    f"backend returned the log-likelihood {ll!r} for the continuation {request.continuation[:40]!r}; "
+                    f"backend returned the log-likelihood {ll!r} for the continuation "
+                    f"{getattr(request, 'continuation', '')[:40]!r}; "
                     "a log-probability is a number <= 0 (NaN usually means overflow in float16: try "
                     "dtype = 'float32' or 'bfloat16')")
         return values

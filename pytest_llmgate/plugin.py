@@ -268,4 +268,6 @@ def llmgate_outcome(request: pytest.FixtureRequest, llmgate_item: Any) -> Any:
     state = request.config.stash.get(STATE, None)
     if state is None or state.stage is None:
         pytest.skip(SKIP_REASON)
-    return request.config.pluginmanager.get_plugin("llmgate-worker").evaluate(request, llmgate_item)
+    worker = request.config.pluginmanager.get_plugin("llmgate-worker")
+    assert worker is not None, "llmgate: a stage run registers its worker plugin in pytest_configure"
+    return worker.evaluate(request, llmgate_item)

@@ -306,7 +306,7 @@ def _tripwire(
     return hook
 
 
-def _verdict_site(nonce: bytes, fd: int, *, _getpid=os.getpid, _exit=os._exit):
+def _verdict_site(nonce: bytes | None, fd: int, *, _getpid=os.getpid, _exit=os._exit):
     """Returns ``reach()``, which the harness calls twice from one call site: before and after the program.
 
     The first call notes where its caller (the harness frame) stands and starts the verdict thread with the
@@ -480,7 +480,8 @@ def _run_program(cfg: dict, fd: int, info: dict) -> None:
             except BaseException as exc:
                 try:
                     _write(fd, b"FAIL " + _failure_reason(exc).encode(errors="replace")[:300] + b"\n")
-                    traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)  # from the program on
+                    program_frames = exc.__traceback__ and exc.__traceback__.tb_next  # from the program on
+                    traceback.print_exception(type(exc), exc, program_frames)
                 except BaseException:
                     _write(fd, b"FAIL unprintable exception\n")
                 finally:
@@ -817,7 +818,7 @@ class _Run:
         if not ready:
             if text.startswith("ERROR "):
                 return self._result("error", text[6:][:300], **extra)
-            detail = extra["stderr"].strip().splitlines()[-1:] or [f"exit code {code}"]
+            detail = str(extra["stderr"]).strip().splitlines()[-1:] or [f"exit code {code}"]
             return self._result("error", f"the sandbox harness failed before the program started: {detail[0]}"[:300],
                                 **extra)
         if tail == self.nonce and code == 0:

@@ -48,6 +48,8 @@ class BatchSizer:
     def __init__(self, batch_size: int | str, device: str, *, cpu_tokens: int = CPU_TOKENS) -> None:
         self.device = device
         gpu = device.startswith("cuda")
+        self.rows: int
+        self.tokens: int | None  # tokens per batch; None: no limit
         if batch_size == "auto":
             self.rows, self.tokens = (GPU_ROWS, GPU_TOKENS) if gpu else (CPU_ROWS, cpu_tokens)
         else:

@@ -94,6 +94,7 @@ class KVScorer:
                            **{self.cache_arg: cache})
         # transformers 5 returns ``cache`` (reading ``past_key_values`` logs a deprecation); 4.x the latter.
         state = getattr(out, "cache", None) if self.cache_arg == "cache" else out.past_key_values
+        assert state is not None, "the decoder returned no cache although use_cache=True"
         return out.last_hidden_state, [(layer.keys, layer.values) for layer in state.layers]
 
     @staticmethod

@@ -59,7 +59,7 @@ def _pretrained(folder: Path, gguf_file: str | None, dtype: str, revision: str |
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         if revision:
             kwargs["revision"] = revision
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=_torch_dtype(dtype), **kwargs)
+        model: Any = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=_torch_dtype(dtype), **kwargs)
         if gguf_file:
             # GGUF weights are dequantized on load: the model is dense, not "quantized" any more,
             # and transforms (.float(), save_pretrained) must be allowed on it.

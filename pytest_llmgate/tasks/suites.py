@@ -525,7 +525,7 @@ class _Suite(Task):
         return named
 
     @property  # type: ignore[misc]  # the train part, known once the file is read
-    def fewshot(self) -> FewShotSource | None:
+    def fewshot(self) -> FewShotSource | None:  # type: ignore[override]  # a class attribute on other tasks
         """Examples come from the train part, drawn by lm-eval's seeded sampler like the built-in tasks'."""
         if self.spec.split is None:
             return None
