@@ -69,8 +69,9 @@ class AdaptiveOrder:
             return
         resolved = self._resolved().get(task_item.task)
         if resolved is not None:
-            pytest.skip(f"llmgate adaptive: {task_item.task} resolved ({resolved['decision']}) "
-                        f"after {resolved['items']} items")
+            pytest.skip(
+                f"llmgate adaptive: {task_item.task} resolved ({resolved['decision']}) after {resolved['items']} items"
+            )
 
     def _resolved(self) -> dict[str, dict[str, Any]]:
         """Tasks already resolved: in this process (no xdist), or as the controller published them."""

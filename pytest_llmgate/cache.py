@@ -26,8 +26,9 @@ class CacheError(Exception):
     """The result cache cannot be used; the message names the file and the fix."""
 
 
-def result_key(*, fingerprint: str, task_version: str, prompt_hash: str, params: Mapping[str, Any],
-               item_id: str) -> str:
+def result_key(
+    *, fingerprint: str, task_version: str, prompt_hash: str, params: Mapping[str, Any], item_id: str
+) -> str:
     """The cache key of one item's results on one model."""
     if not fingerprint:
         raise ValueError("a cache key needs the model fingerprint")
@@ -81,8 +82,9 @@ class ResultCache:
         connection.execute("PRAGMA busy_timeout = 120000")
         try:
             self._retry(lambda: connection.execute("PRAGMA journal_mode = WAL"))
-            self._retry(lambda: connection.executescript(
-                """
+            self._retry(
+                lambda: connection.executescript(
+                    """
                 CREATE TABLE IF NOT EXISTS results (
                     key TEXT PRIMARY KEY, model TEXT NOT NULL, task_version TEXT NOT NULL,
                     value TEXT NOT NULL, created REAL NOT NULL);
@@ -93,7 +95,8 @@ class ResultCache:
                 CREATE TABLE IF NOT EXISTS verdicts (
                     key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL);
                 """
-            ))
+                )
+            )
             self._retry(lambda: connection.execute("BEGIN IMMEDIATE"))  # can this process write?
             connection.execute("ROLLBACK")
         except sqlite3.OperationalError as error:
@@ -108,8 +111,10 @@ class ResultCache:
 
     def _become_read_only(self) -> None:
         self.read_only = True
-        self._note(f"llmgate cache {self.path} is read-only: results are read from it, but this run's "
-                   "results are not stored (make it writable, or point --llmgate-cache at a writable file)")
+        self._note(
+            f"llmgate cache {self.path} is read-only: results are read from it, but this run's "
+            "results are not stored (make it writable, or point --llmgate-cache at a writable file)"
+        )
 
     def _note(self, message: str) -> None:
         if message not in self.notes:
@@ -119,8 +124,10 @@ class ResultCache:
         """Reopen when the file was deleted or replaced since it was opened: writing on would store nothing."""
         if self._connection is not None and self._open_identity() != self._identity:
             self.close()
-            self._note(f"llmgate cache {self.path} was deleted or replaced during the run; later results were "
-                       "stored in a new file there (results stored in the old file before that went with it)")
+            self._note(
+                f"llmgate cache {self.path} was deleted or replaced during the run; later results were "
+                "stored in a new file there (results stored in the old file before that went with it)"
+            )
 
     @staticmethod
     def _retry(action: Any, attempts: int = 20) -> Any:
@@ -141,10 +148,11 @@ class ResultCache:
         self._follow_file()
         try:
             for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
+                chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 for key, value in self.connection.execute(
-                        f"SELECT key, value FROM {table} WHERE key IN ({marks})", chunk):
+                    f"SELECT key, value FROM {table} WHERE key IN ({marks})", chunk
+                ):
                     found[key] = json.loads(value)
         except sqlite3.OperationalError as error:
             if self.read_only and "no such table" in str(error):
@@ -250,8 +258,10 @@ class ResultCache:
         """Store sandbox verdicts by key, in one transaction (a failure is noted, never raised: they are a speed-up)."""
         now = time.time()
         try:
-            self._insert("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?)",
-                         [(key, json.dumps(dict(value)), now) for key, value in verdicts.items()])
+            self._insert(
+                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?)",
+                [(key, json.dumps(dict(value)), now) for key, value in verdicts.items()],
+            )
         except CacheError as error:
             self._note(f"{error} (sandbox verdicts of this run were not stored)")
 

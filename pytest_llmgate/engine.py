@@ -61,8 +61,10 @@ class Engine:
 
     def _drop_cache(self, error: CacheError) -> None:
         """Go on without the cache: every result of this run stays in memory and in the reports."""
-        self._cache_notes.append(f"{error}; the run went on without the cache from then on (nothing computed "
-                                 "is lost: the results are in this run's reports)")
+        self._cache_notes.append(
+            f"{error}; the run went on without the cache from then on (nothing computed "
+            "is lost: the results are in this run's reports)"
+        )
         if self.cache is not None:
             self.cache.close()
         self.cache = None
@@ -97,7 +99,8 @@ class Engine:
 
                 torch.set_num_threads(self.cpu_threads)
             self._backends[fingerprint] = load_backend(
-                spec, device=device, work_dir=self.work_dir, fingerprint=fingerprint, pool=self.pool)
+                spec, device=device, work_dir=self.work_dir, fingerprint=fingerprint, pool=self.pool
+            )
             self.loads[spec.name] += 1
         return self._backends[fingerprint]
 
@@ -140,7 +143,8 @@ class Engine:
             # A model that cannot load fails every item that needs it, with the same message.
             for i, _, _ in missing:
                 self._failed[(fingerprint, i.qualified_id)] = (
-                    f"model '{model}' could not be loaded: {type(error).__name__}: {error}")
+                    f"model '{model}' could not be loaded: {type(error).__name__}: {error}"
+                )
             return
         try:
             self._evaluate(role, backend, missing)
@@ -154,7 +158,8 @@ class Engine:
                 except Exception as error:
                     i = entry[0]
                     self._failed[(fingerprint, i.qualified_id)] = (
-                        f"model '{model}' failed on {i.task} {i.item_id}: {type(error).__name__}: {error}")
+                        f"model '{model}' failed on {i.task} {i.item_id}: {type(error).__name__}: {error}"
+                    )
 
     def _evaluate(self, role: str, backend: Backend, missing: list[tuple[TaskItem, str, str]]) -> None:
         fingerprint = self.fingerprint(role)
@@ -173,7 +178,7 @@ class Engine:
         rows = []
         offset = 0
         for item, version, key in missing:
-            rows.append((key, fingerprint, version, outputs[offset:offset + len(item.requests)]))
+            rows.append((key, fingerprint, version, outputs[offset : offset + len(item.requests)]))
             offset += len(item.requests)
         # One transaction per batch: a crash later loses nothing already stored.
         stored = False
@@ -200,7 +205,8 @@ class Engine:
                     f"backend returned the log-likelihood {ll!r} for the continuation "
                     f"{getattr(request, 'continuation', '')[:40]!r}; "
                     "a log-probability is a number <= 0 (NaN usually means overflow in float16: try "
-                    "dtype = 'float32' or 'bfloat16')")
+                    "dtype = 'float32' or 'bfloat16')"
+                )
         return values
 
     def _generations(self, role: str, backend: Backend, requests: list[GenerationRequest]) -> list[list[str]]:
@@ -210,7 +216,8 @@ class Engine:
             raise ShardError(
                 f"model '{self.roles[role].name}': its backend {type(backend).__name__} has no generate(), which "
                 "generation tasks need; implement generate(requests) -> list[list[str]] on the backend, or "
-                "evaluate only log-likelihood tasks with it")
+                "evaluate only log-likelihood tasks with it"
+            )
         outputs = generate(requests)
         if len(outputs) != len(requests):
             raise ShardError(f"backend returned {len(outputs)} completions lists for {len(requests)} requests")
@@ -218,8 +225,10 @@ class Engine:
         for request, completions in zip(requests, outputs, strict=True):
             expected = request.samples if request.temperature > 0 else 1
             if isinstance(completions, str) or len(completions) != expected:
-                raise ShardError(f"backend returned {completions!r} for a request of {expected} completion(s); "
-                                 "generate must return one list of strings per request")
+                raise ShardError(
+                    f"backend returned {completions!r} for a request of {expected} completion(s); "
+                    "generate must return one list of strings per request"
+                )
             values.append([str(c) for c in completions])
         return values
 
@@ -242,5 +251,10 @@ class Engine:
 
 def _key(fingerprint: str, item: TaskItem, version: str) -> str:
     """The cache key of ``item`` (of ``version``) on the model with ``fingerprint``."""
-    return result_key(fingerprint=fingerprint, task_version=version, prompt_hash=item.prompt_hash(),
-                      params=GENERATION_PARAMS if item.generative else REQUEST_PARAMS, item_id=item.qualified_id)
+    return result_key(
+        fingerprint=fingerprint,
+        task_version=version,
+        prompt_hash=item.prompt_hash(),
+        params=GENERATION_PARAMS if item.generative else REQUEST_PARAMS,
+        item_id=item.qualified_id,
+    )

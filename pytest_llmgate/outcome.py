@@ -76,21 +76,35 @@ class ItemOutcome:
     def as_dict(self) -> dict[str, Any]:
         """Builtin-typed form for ``report.llmgate``."""
         return {
-            "task": self.task, "doc_id": int(self.doc_id), "id": self.item_id, "metric": self.metric,
-            "gold": int(self.gold), "chance": float(self.chance), "status": self.status,
+            "task": self.task,
+            "doc_id": int(self.doc_id),
+            "id": self.item_id,
+            "metric": self.metric,
+            "gold": int(self.gold),
+            "chance": float(self.chance),
+            "status": self.status,
             "sides": {role: dict(side) for role, side in self.sides.items()},
-            "worker": self.worker, "loads": dict(self.loads), "notes": list(self.notes), "stage": self.stage,
+            "worker": self.worker,
+            "loads": dict(self.loads),
+            "notes": list(self.notes),
+            "stage": self.stage,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ItemOutcome:
         """The outcome ``as_dict`` wrote (``status`` is derived, so it is not read back)."""
         return cls(
-            task=str(data["task"]), doc_id=int(data["doc_id"]), item_id=str(data["id"]), metric=str(data["metric"]),
-            gold=int(data.get("gold", -1)), chance=float(data["chance"]),
+            task=str(data["task"]),
+            doc_id=int(data["doc_id"]),
+            item_id=str(data["id"]),
+            metric=str(data["metric"]),
+            gold=int(data.get("gold", -1)),
+            chance=float(data["chance"]),
             sides={role: dict(side) for role, side in data["sides"].items()},
-            worker=str(data.get("worker", "main")), loads=dict(data.get("loads", {})),
-            notes=tuple(data.get("notes", ())), stage=data.get("stage"),
+            worker=str(data.get("worker", "main")),
+            loads=dict(data.get("loads", {})),
+            notes=tuple(data.get("notes", ())),
+            stage=data.get("stage"),
         )
 
 
@@ -131,7 +145,14 @@ class Tally:
             clusters = tuple(o.item_id.rpartition("-")[0] for o in outcomes)
             clustered = clusters if len(set(clusters)) > 1 else None
             result[task] = TaskStats(
-                task=task, metric=metric, n=len(outcomes), scores=scores,
-                chance=mean(o.chance for o in outcomes), wlt=wlt, items=items, clusters=clusters,
-                intervals={role: mean_interval(values, confidence, clustered) for role, values in items.items()})
+                task=task,
+                metric=metric,
+                n=len(outcomes),
+                scores=scores,
+                chance=mean(o.chance for o in outcomes),
+                wlt=wlt,
+                items=items,
+                clusters=clusters,
+                intervals={role: mean_interval(values, confidence, clustered) for role, values in items.items()},
+            )
         return result

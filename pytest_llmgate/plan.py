@@ -46,8 +46,10 @@ class PlanPlugin:
         """Item name -> ``metric`` score of ``role``'s cached results (items not in the cache are absent)."""
         by_name = {item.qualified_id: item for item, _ in members}
         tasks = self.state.tasks
-        return {name: tasks[by_name[name].task].score(by_name[name], value)["scores"][metric]
-                for name, value in self.engine.cached_results(role, members).items()}
+        return {
+            name: tasks[by_name[name].task].score(by_name[name], value)["scores"][metric]
+            for name, value in self.engine.cached_results(role, members).items()
+        }
 
     def _plan(self, items: list[pytest.Item]) -> list[dict[str, Any]]:
         """Per task: cached baseline accuracy, discordance with the candidate, detectable drop, items needed."""
@@ -60,16 +62,25 @@ class PlanPlugin:
             if task_item is not None:
                 by_task.setdefault(task_item.task, []).append((task_item, state.versions[task_item.task]))
         # The gated stage itself, not the previous rung a step rule also evaluates.
-        candidate = state.stage if state.stage not in (BASELINE_STAGE, ALL_STAGES) else next(
-            (role for role in state.roles if role != BASELINE_STAGE), None)
+        candidate = (
+            state.stage
+            if state.stage not in (BASELINE_STAGE, ALL_STAGES)
+            else next((role for role in state.roles if role != BASELINE_STAGE), None)
+        )
         drop, power = self.config.getoption("llmgate_plan_drop"), self.config.getoption("llmgate_plan_power")
         rows = []
         for task_name, members in sorted(by_task.items()):
             metric = state.gate.metric_of(task_name, state.tasks[task_name].default_metric)
             base = self._cached_scores(BASELINE_STAGE, members, metric)
             cand = self._cached_scores(candidate, members, metric) if candidate else {}
-            row: dict[str, Any] = {"task": task_name, "n": len(members), "baseline_cached": len(base),
-                                   "candidate_cached": len(cand), "drop": drop, "power": power}
+            row: dict[str, Any] = {
+                "task": task_name,
+                "n": len(members),
+                "baseline_cached": len(base),
+                "candidate_cached": len(cand),
+                "drop": drop,
+                "power": power,
+            }
             if base:
                 accuracy = sum(base.values()) / len(base)
                 paired = [name for name in base if name in cand]

@@ -61,40 +61,111 @@ def _stage_name(text: str) -> str:
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Options of the llmgate group; the run-wide ones also as ini keys."""
     group = parser.getgroup("llmgate", "LLM benchmark gates (pytest-llmgate)")
-    group.addoption("--stage", dest="llmgate_stage", type=_stage_name, default=None, metavar="NAME",
-                    help="evaluate benchmarks: 'baseline' records the reference model, a stage name gates "
-                         "that stage's model, 'all' runs the ladder and picks the most compressed passing stage")
-    group.addoption("--llmgate-report", dest="llmgate_report", default=None, metavar="PATH",
-                    help="write the JSON report (schema llmgate-report/1) to PATH")
-    group.addoption("--llmgate-config", dest="llmgate_config", default=None, metavar="PATH",
-                    help="read the configuration from PATH instead of pyproject.toml / llmgate.toml")
-    group.addoption("--llmgate-data-dir", dest="llmgate_data_dir", default=None, metavar="DIR",
-                    help="load task data from DIR/<task>/<split>.jsonl|parquet instead of the hub "
-                         "(also $LLMGATE_DATA_DIR)")
-    group.addoption("--llmgate-limit", dest="llmgate_limit", type=_positive_int, default=None, metavar="N",
-                    help="evaluate the first N items of each task")
-    group.addoption("--llmgate-tasks", dest="llmgate_tasks", default=None, metavar="A,B",
-                    help="comma-separated tasks to run (overrides tasks in the config)")
-    group.addoption("--llmgate-cache", dest="llmgate_cache", default=None, metavar="PATH",
-                    help="result cache file (default .llmgate/cache.sqlite beside the config)")
-    group.addoption("--llmgate-no-cache", dest="llmgate_no_cache", action="store_true",
-                    help="neither read nor write the result cache")
-    group.addoption("--llmgate-policy", dest="llmgate_policy", default=None, choices=POLICIES,
-                    help="gate policy: point (estimate vs threshold), strict (lower bound must clear it: deployments), "
-                         "lenient (fail only when the upper bound misses it: pull requests)")
-    group.addoption("--llmgate-plan", dest="llmgate_plan", action="store_true",
-                    help="evaluate nothing: from the cached baseline (and candidate, when cached) print per task the "
-                         "smallest retention drop the paired test detects at this many items, and the items needed "
-                         "for --llmgate-plan-drop")
-    group.addoption("--llmgate-plan-drop", dest="llmgate_plan_drop", type=_open_fraction, default=0.05, metavar="D",
-                    help="relative retention drop to plan for (default 0.05)")
-    group.addoption("--llmgate-plan-power", dest="llmgate_plan_power", type=_open_fraction, default=0.8, metavar="P",
-                    help="power to plan for (default 0.8)")
-    group.addoption("--llmgate-adaptive", dest="llmgate_adaptive", action="store_true",
-                    help="evaluate shards in a seeded random order and stop a task once an anytime-valid "
-                         "confidence sequence resolves its retention floor; its remaining items are skipped")
-    group.addoption("--llmgate-set", dest="llmgate_set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override any config key, e.g. --llmgate-set models.int4.dtype=bfloat16 (repeatable)")
+    group.addoption(
+        "--stage",
+        dest="llmgate_stage",
+        type=_stage_name,
+        default=None,
+        metavar="NAME",
+        help="evaluate benchmarks: 'baseline' records the reference model, a stage name gates "
+        "that stage's model, 'all' runs the ladder and picks the most compressed passing stage",
+    )
+    group.addoption(
+        "--llmgate-report",
+        dest="llmgate_report",
+        default=None,
+        metavar="PATH",
+        help="write the JSON report (schema llmgate-report/1) to PATH",
+    )
+    group.addoption(
+        "--llmgate-config",
+        dest="llmgate_config",
+        default=None,
+        metavar="PATH",
+        help="read the configuration from PATH instead of pyproject.toml / llmgate.toml",
+    )
+    group.addoption(
+        "--llmgate-data-dir",
+        dest="llmgate_data_dir",
+        default=None,
+        metavar="DIR",
+        help="load task data from DIR/<task>/<split>.jsonl|parquet instead of the hub (also $LLMGATE_DATA_DIR)",
+    )
+    group.addoption(
+        "--llmgate-limit",
+        dest="llmgate_limit",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate the first N items of each task",
+    )
+    group.addoption(
+        "--llmgate-tasks",
+        dest="llmgate_tasks",
+        default=None,
+        metavar="A,B",
+        help="comma-separated tasks to run (overrides tasks in the config)",
+    )
+    group.addoption(
+        "--llmgate-cache",
+        dest="llmgate_cache",
+        default=None,
+        metavar="PATH",
+        help="result cache file (default .llmgate/cache.sqlite beside the config)",
+    )
+    group.addoption(
+        "--llmgate-no-cache",
+        dest="llmgate_no_cache",
+        action="store_true",
+        help="neither read nor write the result cache",
+    )
+    group.addoption(
+        "--llmgate-policy",
+        dest="llmgate_policy",
+        default=None,
+        choices=POLICIES,
+        help="gate policy: point (estimate vs threshold), strict (lower bound must clear it: deployments), "
+        "lenient (fail only when the upper bound misses it: pull requests)",
+    )
+    group.addoption(
+        "--llmgate-plan",
+        dest="llmgate_plan",
+        action="store_true",
+        help="evaluate nothing: from the cached baseline (and candidate, when cached) print per task the "
+        "smallest retention drop the paired test detects at this many items, and the items needed "
+        "for --llmgate-plan-drop",
+    )
+    group.addoption(
+        "--llmgate-plan-drop",
+        dest="llmgate_plan_drop",
+        type=_open_fraction,
+        default=0.05,
+        metavar="D",
+        help="relative retention drop to plan for (default 0.05)",
+    )
+    group.addoption(
+        "--llmgate-plan-power",
+        dest="llmgate_plan_power",
+        type=_open_fraction,
+        default=0.8,
+        metavar="P",
+        help="power to plan for (default 0.8)",
+    )
+    group.addoption(
+        "--llmgate-adaptive",
+        dest="llmgate_adaptive",
+        action="store_true",
+        help="evaluate shards in a seeded random order and stop a task once an anytime-valid "
+        "confidence sequence resolves its retention floor; its remaining items are skipped",
+    )
+    group.addoption(
+        "--llmgate-set",
+        dest="llmgate_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --llmgate-set models.int4.dtype=bfloat16 (repeatable)",
+    )
     # Every run-wide option is also an ini key ([tool.pytest.ini_options]); the command line wins.
     parser.addini("llmgate_report", "default path of the JSON report", default=None)
     parser.addini("llmgate_data_dir", "default local data folder", default=None)
@@ -137,8 +208,7 @@ def _uses_llmgate(config: pytest.Config) -> bool:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     """Read the configuration once and register the feature plugins that are on."""
-    config.addinivalue_line(
-        "markers", f"{MARKER}(task): parametrize this test with every item of the benchmark task")
+    config.addinivalue_line("markers", f"{MARKER}(task): parametrize this test with every item of the benchmark task")
     if not _uses_llmgate(config):
         return
     from .state import STATE
@@ -161,12 +231,17 @@ def _run_state(config: pytest.Config) -> Any:
     if limit is not None and not isinstance(limit, int):
         limit = _ini_positive_int(limit)
     gate, tasks = load_gate_config(
-        rootpath=config.rootpath, explicit=_option(config, "llmgate_config"),
+        rootpath=config.rootpath,
+        explicit=_option(config, "llmgate_config"),
         assignments=config.getoption("llmgate_set"),
         python_tasks=lambda: config.hook.pytest_llmgate_tasks(config=config),
-        limit=limit, data_dir=_option(config, "llmgate_data_dir"), tasks=_option(config, "llmgate_tasks"),
-        policy=_option(config, "llmgate_policy"), cache=_option(config, "llmgate_cache"),
-        no_cache=bool(_option(config, "llmgate_no_cache")))
+        limit=limit,
+        data_dir=_option(config, "llmgate_data_dir"),
+        tasks=_option(config, "llmgate_tasks"),
+        policy=_option(config, "llmgate_policy"),
+        cache=_option(config, "llmgate_cache"),
+        no_cache=bool(_option(config, "llmgate_no_cache")),
+    )
     for task in tasks:
         config.addinivalue_line("markers", f"{task}: items of the {task} benchmark")
     for group in gate.groups:
@@ -180,8 +255,14 @@ def _run_state(config: pytest.Config) -> Any:
         _check_report_path(report_path)
     base = gate.source.parent if gate.source is not None else config.rootpath
     return RunState(
-        gate=gate, stage=stage, roles=gate.stage_models(stage) if stage else {}, work_dir=base / ".llmgate",
-        report_path=report_path, worker=workerinput["workerid"] if workerinput else "main", tasks=tasks)
+        gate=gate,
+        stage=stage,
+        roles=gate.stage_models(stage) if stage else {},
+        work_dir=base / ".llmgate",
+        report_path=report_path,
+        worker=workerinput["workerid"] if workerinput else "main",
+        tasks=tasks,
+    )
 
 
 def _register_features(config: pytest.Config, state: Any) -> None:
@@ -207,8 +288,9 @@ def _register_features(config: pytest.Config, state: Any) -> None:
 
     # Code tasks keep sandbox verdicts next to the results (a warm run executes nothing), per run.
     verdicts = Verdicts(engine.cache)
-    state.tasks = {name: task.with_verdicts(verdicts) if isinstance(task, CodeTask) else task
-                   for name, task in state.tasks.items()}
+    state.tasks = {
+        name: task.with_verdicts(verdicts) if isinstance(task, CodeTask) else task for name, task in state.tasks.items()
+    }
     plugins.register(WorkerPlugin(state, engine), "llmgate-worker")
     if state.is_controller:
         from .controller import GateController
@@ -238,14 +320,17 @@ def _check_report_path(path: Path) -> None:
     from .config import ConfigError
 
     if path.is_dir():
-        raise ConfigError(f"llmgate: --llmgate-report {path} is a folder; give a file path such as "
-                          f"{path / 'llmgate.json'}")
+        raise ConfigError(
+            f"llmgate: --llmgate-report {path} is a folder; give a file path such as {path / 'llmgate.json'}"
+        )
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise ConfigError(f"llmgate: --llmgate-report {path}: {folder} is a file, so the report cannot be written "
-                          "there; choose another path")
+        raise ConfigError(
+            f"llmgate: --llmgate-report {path}: {folder} is a file, so the report cannot be written "
+            "there; choose another path"
+        )
     if not os.access(folder, os.W_OK):
         raise ConfigError(f"llmgate: --llmgate-report {path}: {folder} is not writable; choose another path")
 

@@ -54,11 +54,19 @@ _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 1, 4, 38
 # Audit events no benchmark solution needs and that reach the harness's memory or rewrite execution
 # (skipping asserts with a trace function). Hitting one ends the program as a failure on the spot:
 # raising instead would hand the program a traceback into the hook's frame.
-_TRIPWIRE_EVENTS = frozenset({
-    "sys.settrace", "sys.setprofile", "sys._current_frames", "sys._current_exceptions",
-    "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    "sys.monitoring.register_callback", "sys.monitoring.set_events",
-})
+_TRIPWIRE_EVENTS = frozenset(
+    {
+        "sys.settrace",
+        "sys.setprofile",
+        "sys._current_frames",
+        "sys._current_exceptions",
+        "gc.get_objects",
+        "gc.get_referrers",
+        "gc.get_referents",
+        "sys.monitoring.register_callback",
+        "sys.monitoring.set_events",
+    }
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,8 +182,12 @@ def _build_root(libc, cfg: dict) -> None:
         open(inside(f"/dev/{name}"), "w").close()
         _mount(libc, f"/dev/{name}", inside(f"/dev/{name}"), None, _MS_BIND)
         _mount(libc, None, inside(f"/dev/{name}"), None, _MS_BIND | _MS_REMOUNT | _MS_NOSUID | _MS_NOEXEC)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, inside(f"/dev/{name}"))
     for path in ("/dev/shm", "/tmp"):
         os.makedirs(inside(path))
@@ -244,8 +256,11 @@ def _drop_privileges(libc, cfg: dict, flags: int) -> bool:
             _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
         class Data(ctypes.Structure):
-            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                        ("inheritable", ctypes.c_uint32)]
+            _fields_ = [
+                ("effective", ctypes.c_uint32),
+                ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32),
+            ]
 
         _checked(libc, libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()), "capset")
         dropped = True
@@ -513,8 +528,10 @@ def _program_main(libc, cfg: dict, fd: int, info: dict, flags: int) -> None:
         os.closerange(fd + 1, 1 << 20)
         stdlib = os.path.dirname(os.__file__)
         if not os.access(stdlib, os.R_OK | os.X_OK):
-            raise OSError(f"the standard library ({stdlib}) is not readable by the unprivileged sandbox user; "
-                          "use an interpreter installed in a world-readable place (python=...)")
+            raise OSError(
+                f"the standard library ({stdlib}) is not readable by the unprivileged sandbox user; "
+                "use an interpreter installed in a world-readable place (python=...)"
+            )
     except Exception as exc:
         _write(fd, f"ERROR sandbox setup failed: {exc}\n".encode())
         os._exit(_EXIT_SETUP)
@@ -554,8 +571,13 @@ def _harness_main(argv: list[str]) -> None:
     os.close(cfg_fd)
     cfg = json.loads(b"".join(chunks))
     del chunks
-    info: dict = {"network_isolated": False, "pid_namespace": False, "filesystem_isolated": False,
-                  "privileges_dropped": False, "notes": []}
+    info: dict = {
+        "network_isolated": False,
+        "pid_namespace": False,
+        "filesystem_isolated": False,
+        "privileges_dropped": False,
+        "notes": [],
+    }
     try:
         libc = _libc()
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -648,8 +670,14 @@ class CheckResult:
         return dataclasses.asdict(self)
 
 
-def run_check(program: str, timeout: float = 10.0, *, limits: SandboxLimits | None = None,
-              python: str | None = None, namespaces: bool = True) -> CheckResult:
+def run_check(
+    program: str,
+    timeout: float = 10.0,
+    *,
+    limits: SandboxLimits | None = None,
+    python: str | None = None,
+    namespaces: bool = True,
+) -> CheckResult:
     """Run ``program`` (solution followed by its tests) in a fresh sandboxed child process.
 
     "passed" means it ran to its last line: an early exit of any kind, an exception, a tripped tamper
@@ -668,17 +696,32 @@ def run_check(program: str, timeout: float = 10.0, *, limits: SandboxLimits | No
         if root:
             os.chown(workdir, uid, gid)
         cpu = limits.cpu_seconds if limits.cpu_seconds is not None else int(timeout) + 2
-        cfg = {"source": program, "nonce": secrets.token_hex(16), "uid": uid, "gid": gid, "cpu_seconds": cpu,
-               "memory_mb": limits.memory_mb, "file_size_mb": limits.file_size_mb, "disk_mb": limits.disk_mb,
-               "max_processes": limits.max_processes, "max_open_files": limits.max_open_files,
-               "namespaces": namespaces}
+        cfg = {
+            "source": program,
+            "nonce": secrets.token_hex(16),
+            "uid": uid,
+            "gid": gid,
+            "cpu_seconds": cpu,
+            "memory_mb": limits.memory_mb,
+            "file_size_mb": limits.file_size_mb,
+            "disk_mb": limits.disk_mb,
+            "max_processes": limits.max_processes,
+            "max_open_files": limits.max_open_files,
+            "namespaces": namespaces,
+        }
         return _Run(cfg, timeout, limits, python or os.path.realpath(sys.executable), workdir, started).execute()
     finally:
         _remove_tree(workdir)
 
 
-def run_checks(programs: Sequence[str], timeout: float = 10.0, *, max_workers: int | None = None,
-               limits: SandboxLimits | None = None, python: str | None = None) -> list[CheckResult]:
+def run_checks(
+    programs: Sequence[str],
+    timeout: float = 10.0,
+    *,
+    max_workers: int | None = None,
+    limits: SandboxLimits | None = None,
+    python: str | None = None,
+) -> list[CheckResult]:
     """Run many programs, at most ``max_workers`` at once (default: the CPU count); results in input order."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -690,8 +733,9 @@ def run_checks(programs: Sequence[str], timeout: float = 10.0, *, max_workers: i
 class _Run:
     """One child process: start it, feed it, read its three pipes with bounds, kill it, judge it."""
 
-    def __init__(self, cfg: dict, timeout: float, limits: SandboxLimits, python: str, workdir: str,
-                 started: float) -> None:
+    def __init__(
+        self, cfg: dict, timeout: float, limits: SandboxLimits, python: str, workdir: str, started: float
+    ) -> None:
         self.cfg, self.timeout, self.limits, self.python = cfg, timeout, limits, python
         self.workdir, self.started = workdir, started
         self.nonce = cfg["nonce"].encode()
@@ -703,8 +747,16 @@ class _Run:
         err_r, err_w = os.pipe()
         argv = [self.python, "-I", "-S", os.path.abspath(__file__), str(cfg_r), str(res_w)]
         try:
-            proc = subprocess.Popen(argv, cwd=self.workdir, env=_child_env(), stdin=subprocess.DEVNULL,
-                                    stdout=out_w, stderr=err_w, pass_fds=(cfg_r, res_w), start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                cwd=self.workdir,
+                env=_child_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                pass_fds=(cfg_r, res_w),
+                start_new_session=True,
+            )
         except OSError as exc:
             for fd in (cfg_r, cfg_w, res_r, res_w, out_r, out_w, err_r, err_w):
                 os.close(fd)
@@ -718,8 +770,9 @@ class _Run:
                 pass  # the harness died first; its exit status says why
             finally:
                 os.close(cfg_w)
-            streams, timed_out = self._collect(proc, {out_r: self.limits.output_bytes,
-                                                      err_r: self.limits.output_bytes, res_r: 4096})
+            streams, timed_out = self._collect(
+                proc, {out_r: self.limits.output_bytes, err_r: self.limits.output_bytes, res_r: 4096}
+            )
         finally:
             _kill_group(proc)
             proc.wait()
@@ -781,7 +834,7 @@ class _Run:
         if not chunk:
             return True
         room = cap - len(buffer)
-        buffer += chunk[:max(room, 0)]
+        buffer += chunk[: max(room, 0)]
         truncated[fd] |= len(chunk) > room
         return False
 
@@ -789,8 +842,15 @@ class _Run:
         if self.cfg["uid"] >= _UID_BASE:
             _kill_uid(self.cfg["uid"])
 
-    def _judge(self, returncode: int, streams: dict[int, tuple[bytes, bool]], timed_out: bool,
-               out_r: int, err_r: int, res_r: int) -> CheckResult:
+    def _judge(
+        self,
+        returncode: int,
+        streams: dict[int, tuple[bytes, bool]],
+        timed_out: bool,
+        out_r: int,
+        err_r: int,
+        res_r: int,
+    ) -> CheckResult:
         code = 128 - returncode if returncode < 0 else returncode
         channel = streams[res_r][0]
         info: dict = {}
@@ -801,7 +861,7 @@ class _Run:
             except ValueError:
                 info = {}
         ready = channel.startswith(_READY)
-        tail = channel[len(_READY):] if ready else channel
+        tail = channel[len(_READY) :] if ready else channel
         text = tail.decode(errors="replace").strip()
         extra = {
             "stdout": streams[out_r][0].decode(errors="replace"),
@@ -819,8 +879,9 @@ class _Run:
             if text.startswith("ERROR "):
                 return self._result("error", text[6:][:300], **extra)
             detail = str(extra["stderr"]).strip().splitlines()[-1:] or [f"exit code {code}"]
-            return self._result("error", f"the sandbox harness failed before the program started: {detail[0]}"[:300],
-                                **extra)
+            return self._result(
+                "error", f"the sandbox harness failed before the program started: {detail[0]}"[:300], **extra
+            )
         if tail == self.nonce and code == 0:
             return self._result("passed", "", **extra)
         if code == 128 + signal.SIGXCPU:
@@ -829,8 +890,7 @@ class _Run:
             return self._result("failed", text[5:].splitlines()[0][:300], **extra)
         if text.startswith("TAMPER "):
             event = text[7:].splitlines()[0][:100]
-            return self._result("failed", f"tampering detected ({event}): the program reached for the harness",
-                                **extra)
+            return self._result("failed", f"tampering detected ({event}): the program reached for the harness", **extra)
         if code > 128 and code - 128 in signal.valid_signals():
             return self._result("failed", f"killed by {signal.Signals(code - 128).name}", **extra)
         why = f"exited with code {code} before its last line"
@@ -840,8 +900,9 @@ class _Run:
 
     def _result(self, status: str, reason: str, **fields: object) -> CheckResult:
         uid = self.cfg["uid"] if self.cfg["uid"] >= _UID_BASE else None
-        return CheckResult(status=status, reason=reason, duration=round(time.monotonic() - self.started, 4),
-                           sandbox_uid=uid, **fields)  # type: ignore[arg-type]
+        return CheckResult(
+            status=status, reason=reason, duration=round(time.monotonic() - self.started, 4), sandbox_uid=uid, **fields
+        )  # type: ignore[arg-type]
 
 
 def _child_env() -> dict[str, str]:
@@ -853,7 +914,7 @@ def _child_env() -> dict[str, str]:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _has_exited(proc: subprocess.Popen, pidfd: int | None, selector: selectors.BaseSelector) -> bool:
@@ -891,9 +952,19 @@ def _kill_uid(uid: int) -> None:
         # cannot outrun it); /bin/kill is used because the interpreter may not be readable by that uid.
         kill = next((path for path in ("/bin/kill", "/usr/bin/kill") if os.access(path, os.X_OK)), None)
         if kill is not None:
-            subprocess.run([kill, "-9", "--", "-1"], user=uid, group=uid, extra_groups=[], cwd="/",
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env={"PATH": SAFE_PATH}, check=False, timeout=30)
+            subprocess.run(
+                [kill, "-9", "--", "-1"],
+                user=uid,
+                group=uid,
+                extra_groups=[],
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={"PATH": SAFE_PATH},
+                check=False,
+                timeout=30,
+            )
         else:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -37,8 +37,9 @@ def make_engine(config: pytest.Config, state: RunState) -> Engine:
             raise ConfigError(str(error)) from None
     worker_index = int(state.worker[2:]) if state.worker.startswith("gw") else None
     threads = max(1, (os.cpu_count() or 1) // int(workerinput["workercount"])) if workerinput else None
-    return Engine(roles=state.roles, cache=cache, work_dir=state.work_dir, worker_index=worker_index,
-                  cpu_threads=threads)
+    return Engine(
+        roles=state.roles, cache=cache, work_dir=state.work_dir, worker_index=worker_index, cpu_threads=threads
+    )
 
 
 class WorkerPlugin:
@@ -63,13 +64,26 @@ class WorkerPlugin:
         for role in state.roles:
             result = engine.result(role, shard, item)
             side = task.score(item, result.results)
-            side.update(cached=result.cached, stored=result.stored, model=state.roles[role].name,
-                        fingerprint=engine.fingerprint(role))
+            side.update(
+                cached=result.cached,
+                stored=result.stored,
+                model=state.roles[role].name,
+                fingerprint=engine.fingerprint(role),
+            )
             sides[role] = side
         outcome = ItemOutcome(
-            task=task.name, doc_id=item.doc_id, item_id=item.item_id, metric=metric, gold=item.gold,
-            chance=task.chance(item), sides=sides, worker=state.worker, loads=dict(engine.loads),
-            notes=tuple(engine.notes), stage=self.target)
+            task=task.name,
+            doc_id=item.doc_id,
+            item_id=item.item_id,
+            metric=metric,
+            gold=item.gold,
+            chance=task.chance(item),
+            sides=sides,
+            worker=state.worker,
+            loads=dict(engine.loads),
+            notes=tuple(engine.notes),
+            stage=self.target,
+        )
         request.node.stash[OUTCOME] = outcome.as_dict()
         return outcome
 

@@ -270,8 +270,9 @@ class ModelPool:
         self.pristine.clear()
 
 
-def load_backend(spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str,
-                 pool: ModelPool | None = None) -> Backend:
+def load_backend(
+    spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str, pool: ModelPool | None = None
+) -> Backend:
     """Instantiate the backend for ``spec`` on ``device``."""
     if ":" in spec.backend:
         backend_class = import_backend(spec.backend)

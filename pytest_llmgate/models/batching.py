@@ -70,17 +70,22 @@ class BatchSizer:
         if rows_tried <= 1:
             raise OutOfMemory(
                 f"out of memory on {self.device} with a single sequence of {width} tokens; lower the model's "
-                "max_length, use dtype = 'bfloat16', or a device with more memory") from error
+                "max_length, use dtype = 'bfloat16', or a device with more memory"
+            ) from error
         self.rows = max(1, rows_tried // 2)
         if self.tokens is not None:
             self.tokens = max(1, min(self.tokens, rows_tried * width) // 2)
         self.backoffs += 1
-        log.warning("out of memory with %d rows of %d tokens on %s; retrying with %d rows per pass",
-                    rows_tried, width, self.device, self.rows)
+        log.warning(
+            "out of memory with %d rows of %d tokens on %s; retrying with %d rows per pass",
+            rows_tried,
+            width,
+            self.device,
+            self.rows,
+        )
         _free(self.device)
 
-    def run(self, items: Sequence[T], width: Callable[[T], int], step: Callable[[Sequence[T]], Sequence[R]]
-            ) -> list[R]:
+    def run(self, items: Sequence[T], width: Callable[[T], int], step: Callable[[Sequence[T]], Sequence[R]]) -> list[R]:
         """``step`` over consecutive batches of ``items`` (sorted widest first), results in item order.
 
         A batch that runs out of memory is retried in halves until it fits; sizes that fitted are kept.
@@ -88,8 +93,8 @@ class BatchSizer:
         results: list[R] = []
         start = 0
         while start < len(items):
-            count = self.take([width(x) for x in items[start:start + self.rows]])
-            batch = items[start:start + count]
+            count = self.take([width(x) for x in items[start : start + self.rows]])
+            batch = items[start : start + count]
             try:
                 out = step(batch)
             except Exception as error:
@@ -110,4 +115,3 @@ def _free(device: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
-

@@ -41,10 +41,19 @@ HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever
 # generation_config fields with which transformers' generate (so lm-eval) would change greedy choices, and
 # their neutral values; a model that sets one is decoded without it, and the log says so.
 _UNSUPPORTED_SETTINGS = {
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
-    "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "sequence_bias": None, "encoder_repetition_penalty": 1.0,
-    "exponential_decay_length_penalty": None, "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "encoder_repetition_penalty": 1.0,
+    "exponential_decay_length_penalty": None,
+    "num_beams": 1,
 }
 
 log = logging.getLogger("pytest_llmgate")
@@ -97,7 +106,8 @@ def render_chat(tokenizer: Any, chat: Sequence[tuple[str, str]]) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatTemplateMissing(
             "the request uses a chat template but the tokenizer has none; set apply_chat_template = false "
-            "for this model or point its tokenizer at one with a chat template")
+            "for this model or point its tokenizer at one with a chat template"
+        )
     import jinja2.exceptions
 
     messages = [{"role": role, "content": content} for role, content in chat]
@@ -145,8 +155,16 @@ def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 class Decoder:
     """Batched greedy or sampled decoding of token rows on one causal LM with a key/value cache."""
 
-    def __init__(self, model: Any, *, device: str, pad_id: int, eos_ids: frozenset[int],
-                 decode: Callable[[list[int]], str], prefill_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: str,
+        pad_id: int,
+        eos_ids: frozenset[int],
+        decode: Callable[[list[int]], str],
+        prefill_tokens: int | None = None,
+    ) -> None:
         import torch
 
         self._torch = torch
@@ -162,8 +180,13 @@ class Decoder:
         self._last_logits_only = "logits_to_keep" in parameters
 
     def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any) -> tuple[Any, Any]:
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                  "use_cache": True, self._cache_arg: cache}
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": True,
+            self._cache_arg: cache,
+        }
         if self._last_logits_only:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
@@ -183,13 +206,18 @@ class Decoder:
         for begin in range(0, rows, per_pass):
             part = slice(begin, begin + per_pass)
             part_mask = mask[part]
-            part_logits, part_cache = self._forward(ids[part], None if bool(part_mask.all()) else part_mask,
-                                                    positions[part], None)
+            part_logits, part_cache = self._forward(
+                ids[part], None if bool(part_mask.all()) else part_mask, positions[part], None
+            )
             logits.append(part_logits)
             for layer, state in enumerate(part_cache.layers):
                 if begin == 0:
-                    joined.append((state.keys.new_empty((rows, *state.keys.shape[1:])),
-                                   state.values.new_empty((rows, *state.values.shape[1:]))))
+                    joined.append(
+                        (
+                            state.keys.new_empty((rows, *state.keys.shape[1:])),
+                            state.values.new_empty((rows, *state.values.shape[1:])),
+                        )
+                    )
                 joined[layer][0][part] = state.keys
                 joined[layer][1][part] = state.values
             del part_cache
@@ -209,8 +237,8 @@ class Decoder:
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
-            ids[r, width - len(row.prompt):] = torch.tensor(row.prompt, dtype=torch.long)
-            mask[r, width - len(row.prompt):] = 1
+            ids[r, width - len(row.prompt) :] = torch.tensor(row.prompt, dtype=torch.long)
+            mask[r, width - len(row.prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         padded = not bool(mask.all())
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
@@ -277,9 +305,17 @@ def warped_probabilities(logits: Any, temperature: float, top_p: float, top_k: i
     return scores.softmax(dim=-1)
 
 
-def generate_completions(model: Any, tokenizer: Any, contexts: Sequence[str], requests: Sequence[Any], *,
-                         device: str, max_length: int, sizer: BatchSizer,
-                         add_bos_token: bool | None = None) -> list[list[str]]:
+def generate_completions(
+    model: Any,
+    tokenizer: Any,
+    contexts: Sequence[str],
+    requests: Sequence[Any],
+    *,
+    device: str,
+    max_length: int,
+    sizer: BatchSizer,
+    add_bos_token: bool | None = None,
+) -> list[list[str]]:
     """Completions of each request (``samples`` of them when sampling, one when greedy).
 
     ``contexts[i]`` is the text ``requests[i]`` is generated from (its chat template applied by the
@@ -292,13 +328,22 @@ def generate_completions(model: Any, tokenizer: Any, contexts: Sequence[str], re
         raise ValueError(f"{len(contexts)} contexts for {len(requests)} requests")
     eos_ids = eos_token_ids(model, tokenizer)
     config = getattr(model, "generation_config", None)
-    ignored = {name: getattr(config, name) for name, neutral in _UNSUPPORTED_SETTINGS.items()
-               if getattr(config, name, neutral) not in (neutral, None)}
+    ignored = {
+        name: getattr(config, name)
+        for name, neutral in _UNSUPPORTED_SETTINGS.items()
+        if getattr(config, name, neutral) not in (neutral, None)
+    }
     if ignored:
-        log.warning("the model's generation_config sets %s, which lm-eval's generate would apply; "
-                    "pytest-llmgate decodes without them, so completions may differ from lm-eval's", ignored)
-    eos_text = tokenizer.decode(tokenizer.eos_token_id, skip_special_tokens=False) \
-        if tokenizer.eos_token_id is not None else None
+        log.warning(
+            "the model's generation_config sets %s, which lm-eval's generate would apply; "
+            "pytest-llmgate decodes without them, so completions may differ from lm-eval's",
+            ignored,
+        )
+    eos_text = (
+        tokenizer.decode(tokenizer.eos_token_id, skip_special_tokens=False)
+        if tokenizer.eos_token_id is not None
+        else None
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
 
     def decode(tokens: list[int]) -> str:
@@ -311,22 +356,36 @@ def generate_completions(model: Any, tokenizer: Any, contexts: Sequence[str], re
             raise ValueError(f"max_gen_toks must be at least 1, got {request.max_gen_toks}")
         room = max_length - request.max_gen_toks
         if room <= 0:
-            raise ValueError(f"max_gen_toks {request.max_gen_toks} leaves no room for the context in the "
-                             f"model's {max_length} tokens; lower max_gen_toks or raise the model's max_length")
+            raise ValueError(
+                f"max_gen_toks {request.max_gen_toks} leaves no room for the context in the "
+                f"model's {max_length} tokens; lower max_gen_toks or raise the model's max_length"
+            )
         prompt = tuple(encode_context(tokenizer, context, room, add_bos_token))
         stops = stop_strings(request.until, eos_text)
         sampled = request.temperature > 0
         for k in range(request.samples if sampled else 1):
-            rows.append(DecodeRow(prompt, request.max_gen_toks, stops, request.temperature if sampled else 0.0,
-                                  request.top_p, sample_seed(request.seed, k) if sampled else 0))
+            rows.append(
+                DecodeRow(
+                    prompt,
+                    request.max_gen_toks,
+                    stops,
+                    request.temperature if sampled else 0.0,
+                    request.top_p,
+                    sample_seed(request.seed, k) if sampled else 0,
+                )
+            )
             owner.append((index, context))
     order = sorted(range(len(rows)), key=lambda r: (-len(rows[r].prompt), owner[r][1], r))
-    decoder = Decoder(model, device=device, pad_id=pad_id, eos_ids=eos_ids, decode=decode,
-                      prefill_tokens=sizer.pass_tokens)
+    decoder = Decoder(
+        model, device=device, pad_id=pad_id, eos_ids=eos_ids, decode=decode, prefill_tokens=sizer.pass_tokens
+    )
     texts: list[str] = [""] * len(rows)
     with torch.inference_mode():
-        outputs = sizer.run(order, lambda r: len(rows[r].prompt) + rows[r].max_new_tokens,
-                            lambda batch: decoder.run([rows[r] for r in batch]))
+        outputs = sizer.run(
+            order,
+            lambda r: len(rows[r].prompt) + rows[r].max_new_tokens,
+            lambda batch: decoder.run([rows[r] for r in batch]),
+        )
     for r, tokens in zip(order, outputs, strict=True):
         texts[r] = cut_at_stops(decode(tokens), rows[r].stops)
     completions: list[list[str]] = [[] for _ in requests]

@@ -55,7 +55,7 @@ def span_scores(head: Any, spans: Sequence[Any], targets: Sequence[Any]) -> list
     offset = 0
     for t in targets:
         n = len(t)
-        out.append((float(picked[offset:offset + n].sum()), bool(greedy[offset:offset + n].all())))
+        out.append((float(picked[offset : offset + n].sum()), bool(greedy[offset : offset + n].all())))
         offset += n
     return out
 
@@ -90,8 +90,9 @@ class KVScorer:
     # --- caches as plain per-layer (keys, values) tensors ---------------------------------------
     def _run(self, ids: Any, mask: Any, positions: Any, past: list[tuple[Any, Any]] | None) -> tuple[Any, Any]:
         cache = layered_cache(self.config, past or ())
-        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           **{self.cache_arg: cache})
+        out = self.decoder(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_arg: cache}
+        )
         # transformers 5 returns ``cache`` (reading ``past_key_values`` logs a deprecation); 4.x the latter.
         state = getattr(out, "cache", None) if self.cache_arg == "cache" else out.past_key_values
         assert state is not None, "the decoder returned no cache although use_cache=True"
@@ -126,9 +127,16 @@ class KVScorer:
         self.sizer.run(contexts, len, step)
         return [r if r is not None else (float("nan"), False) for r in results]
 
-    def _score_batch(self, batch: list[tuple[int, ...]], by_context: dict[tuple[int, ...], list[int]],
-                     encoded: Sequence[tuple[list[int], list[int]]], shared: int, width: int,
-                     prefix_past: list[tuple[Any, Any]] | None, results: list[tuple[float, bool] | None]) -> None:
+    def _score_batch(
+        self,
+        batch: list[tuple[int, ...]],
+        by_context: dict[tuple[int, ...], list[int]],
+        encoded: Sequence[tuple[list[int], list[int]]],
+        shared: int,
+        width: int,
+        prefix_past: list[tuple[Any, Any]] | None,
+        results: list[tuple[float, bool] | None],
+    ) -> None:
         torch = self.torch
         device = self.device
         n = len(batch)
@@ -138,8 +146,8 @@ class KVScorer:
         lengths = []
         for r, context in enumerate(batch):
             rest = context[shared:]
-            ids[r, :len(rest)] = torch.tensor(rest)
-            mask[r, shared:shared + len(rest)] = 1
+            ids[r, : len(rest)] = torch.tensor(rest)
+            mask[r, shared : shared + len(rest)] = 1
             lengths.append(len(rest))
         past = None
         if prefix_past is not None:
@@ -165,7 +173,7 @@ class KVScorer:
         widest = cached + max(len(encoded[i][1]) for _, i in longer)
         begin = 0
         while begin < len(longer):
-            chunk = longer[begin:begin + self.sizer.take([widest] * (len(longer) - begin))]
+            chunk = longer[begin : begin + self.sizer.take([widest] * (len(longer) - begin))]
             try:
                 out = self._continue(chunk, encoded, mask, cache, shared, lengths)
             except Exception as error:  # out of memory: fewer choices per pass (one choice: the caller's turn)
@@ -176,15 +184,22 @@ class KVScorer:
             spans, targets = [], []
             for c, (_, i) in enumerate(chunk):
                 continuation = encoded[i][1]
-                spans.append(out[c, :len(continuation) - 1])
+                spans.append(out[c, : len(continuation) - 1])
                 targets.append(torch.tensor(continuation[1:], device=device))
             for (_, i), (tail_ll, tail_greedy) in zip(chunk, span_scores(self.head, spans, targets), strict=True):
                 head_ll, head_greedy = partial[i]
                 results[i] = (head_ll + tail_ll, head_greedy and tail_greedy)
             begin += len(chunk)
 
-    def _continue(self, chunk: Sequence[tuple[int, int]], encoded: Sequence[tuple[list[int], list[int]]],
-                  mask: Any, cache: list[tuple[Any, Any]], shared: int, lengths: Sequence[int]) -> Any:
+    def _continue(
+        self,
+        chunk: Sequence[tuple[int, int]],
+        encoded: Sequence[tuple[list[int], list[int]]],
+        mask: Any,
+        cache: list[tuple[Any, Any]],
+        shared: int,
+        lengths: Sequence[int],
+    ) -> Any:
         """Hidden states of each (batch row, request) continuation's tokens but its last, run on a copy of its
         row's context cache."""
         torch = self.torch
@@ -195,11 +210,12 @@ class KVScorer:
         chunk_positions = torch.zeros((len(chunk), tail), dtype=torch.long)
         for c, (r, i) in enumerate(chunk):
             rest = encoded[i][1][:-1]
-            tokens[c, :len(rest)] = torch.tensor(rest)
+            tokens[c, : len(rest)] = torch.tensor(rest)
             chunk_mask[c, :cached] = mask[r]
-            chunk_mask[c, cached:cached + len(rest)] = 1
+            chunk_mask[c, cached : cached + len(rest)] = 1
             chunk_positions[c] = shared + lengths[r] + torch.arange(tail)
         rows = torch.tensor([r for r, _ in chunk], device=cache[0][0].device)
-        out, _ = self._run(tokens.to(self.device), chunk_mask.to(self.device), chunk_positions.to(self.device),
-                           self._rows(cache, rows))
+        out, _ = self._run(
+            tokens.to(self.device), chunk_mask.to(self.device), chunk_positions.to(self.device), self._rows(cache, rows)
+        )
         return out

@@ -72,7 +72,6 @@ _ASSIGN_CHUNK_ROWS = 8192
 _SEED_SAMPLE_PER_CENTROID = 32
 
 
-
 # --------------------------------------------------------------------------------------------
 # Model structure
 # --------------------------------------------------------------------------------------------
@@ -127,9 +126,7 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int | None = 128) -> 
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
         raise ValueError(f"bits must be an integer from 2 to 16, got {bits!r}")
-    if group_size is not None and (
-        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-    ):
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
     import torch
 
@@ -226,9 +223,7 @@ def build_vptq_checkpoint(
 
     out_path = pathlib.Path(out_dir)
     if out_path.exists() and not overwrite and (not out_path.is_dir() or any(out_path.iterdir())):
-        raise FileExistsError(
-            f"{out_path} already exists and is not empty; pass overwrite=True to replace it"
-        )
+        raise FileExistsError(f"{out_path} already exists and is not empty; pass overwrite=True to replace it")
     linears = decoder_linears(model)
     started = time.perf_counter()
     tensors: dict[str, torch.Tensor] = {}
@@ -302,9 +297,7 @@ def dequantize_vptq_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.
         out_features = int(layer["out_features"])
         rows_per_column = -(-out_features // vector_len)
         centroids = stored[f"{name}.centroids.weight"].reshape(num_centroids, vector_len)
-        indices = _unpack_indices(
-            stored[f"{name}.indices"][0], int(math.log2(num_centroids)), in_features
-        )
+        indices = _unpack_indices(stored[f"{name}.indices"][0], int(math.log2(num_centroids)), in_features)
         scale = stored.get(f"{name}.weight_scale") if layer["enable_norm"] else None
         bias = stored.get(f"{name}.weight_bias") if layer["enable_norm"] else None
         quantized = _VectorQuantized(
@@ -316,8 +309,7 @@ def dequantize_vptq_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.
         )
         dense[f"{name}.weight"] = _reconstruct(quantized)
         quantized_keys.update(
-            f"{name}.{suffix}"
-            for suffix in ("centroids.weight", "indices", "weight_scale", "weight_bias")
+            f"{name}.{suffix}" for suffix in ("centroids.weight", "indices", "weight_scale", "weight_bias")
         )
     for key, value in stored.items():
         if key not in quantized_keys:
@@ -325,9 +317,7 @@ def dequantize_vptq_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.
     return dict(sorted(dense.items()))
 
 
-def load_vptq_model(
-    path: str | os.PathLike[str], device: str = "cpu", dtype: str = "float32"
-) -> nn.Module:
+def load_vptq_model(path: str | os.PathLike[str], device: str = "cpu", dtype: str = "float32") -> nn.Module:
     """Load a VPTQ-format checkpoint through the ``vptq`` package, in eval mode.
 
     Applies the shim ``vptq`` 0.0.5 needs under transformers 5 and places the whole model on
@@ -338,17 +328,13 @@ def load_vptq_model(
 
     torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-        raise ValueError(
-            f"dtype must name a torch floating-point dtype, e.g. 'float32'; got {dtype!r}"
-        )
+        raise ValueError(f"dtype must name a torch floating-point dtype, e.g. 'float32'; got {dtype!r}")
     root = pathlib.Path(path)
     _read_vptq_config(root)
     vptq = require_vptq()
     started = time.perf_counter()
     with _vptq_progress_bars_off(), _transformers_shim():
-        model = vptq.AutoModelForCausalLM.from_pretrained(
-            str(root), device_map={"": device}, dtype=torch_dtype
-        )
+        model = vptq.AutoModelForCausalLM.from_pretrained(str(root), device_map={"": device}, dtype=torch_dtype)
     model.eval()
     logger.info("vptq: loaded %s in %.1f s", root, time.perf_counter() - started)
     return model  # type: ignore[no-any-return]
@@ -363,14 +349,11 @@ def require_vptq() -> ModuleType:
     ``_transformers_shim``: ``load_vptq_model`` applies it for the load only.)
     """
     missing = [
-        name
-        for name in ("vptq", "accelerate", "sentence_transformers")
-        if importlib.util.find_spec(name) is None
+        name for name in ("vptq", "accelerate", "sentence_transformers") if importlib.util.find_spec(name) is None
     ]
     if missing:
         raise RuntimeError(
-            f"loading VPTQ checkpoints needs {', '.join(missing)}, which is not installed: "
-            f"{VPTQ_INSTALL_HINT}"
+            f"loading VPTQ checkpoints needs {', '.join(missing)}, which is not installed: {VPTQ_INSTALL_HINT}"
         )
     if "vptq.utils.pack" in sys.modules:  # imported already, quietly
         return sys.modules["vptq"]
@@ -381,17 +364,13 @@ def require_vptq() -> ModuleType:
         with contextlib.redirect_stdout(printed), warnings.catch_warnings():
             warnings.filterwarnings(
                 "ignore",
-                message=(
-                    r"Importing from 'sentence_transformers\.SentenceTransformer' is deprecated"
-                ),
+                message=(r"Importing from 'sentence_transformers\.SentenceTransformer' is deprecated"),
                 category=DeprecationWarning,
             )
             module = importlib.import_module("vptq")
             importlib.import_module("vptq.utils.pack")
     except ImportError as error:
-        raise RuntimeError(
-            f"vptq is installed but cannot be imported ({error}): {VPTQ_INSTALL_HINT}"
-        ) from error
+        raise RuntimeError(f"vptq is installed but cannot be imported ({error}): {VPTQ_INSTALL_HINT}") from error
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
@@ -514,10 +493,7 @@ def _vector_quantize(
     padded = F.pad(work, (0, 0, 0, rows_per_column * vector_len - out_features))
     # Vector (i, j) holds rows i*v .. i*v+v-1 of column j: vptq quantizes along the output dim.
     vectors = (
-        padded.reshape(rows_per_column, vector_len, in_features)
-        .permute(0, 2, 1)
-        .reshape(-1, vector_len)
-        .contiguous()
+        padded.reshape(rows_per_column, vector_len, in_features).permute(0, 2, 1).reshape(-1, vector_len).contiguous()
     )
     centroids, assignment = _kmeans(vectors, num_centroids, iters, generator)
     return _VectorQuantized(
@@ -569,9 +545,7 @@ def _kmeans(
     return centroids, assignment
 
 
-def _kmeans_plus_plus(
-    vectors: torch.Tensor, num_centroids: int, generator: torch.Generator
-) -> torch.Tensor:
+def _kmeans_plus_plus(vectors: torch.Tensor, num_centroids: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding on a random sample of the vectors."""
     import torch
 
@@ -683,14 +657,10 @@ def _write_atomically(
     from safetensors.torch import save_file
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(
-        tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
-    )
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
     try:
         save_file(tensors, str(staging / VPTQ_WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / "config.json").write_text(
-            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-        )
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         staging.chmod(0o755)  # mkdtemp creates the folder private to its owner
@@ -708,9 +678,7 @@ def _replace_folder(source: pathlib.Path, target: pathlib.Path) -> None:
     if target.is_dir() and not any(target.iterdir()):
         os.replace(source, target)  # POSIX replaces an empty folder atomically
         return
-    retired = pathlib.Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
-    )
+    retired = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
     os.replace(target, retired / target.name)
     try:
         os.rename(source, target)

@@ -44,8 +44,15 @@ def _tokenizer(folder: Path, gguf_file: str | None, pool: ModelPool | None = Non
     return tokenizers[key]
 
 
-def _pretrained(folder: Path, gguf_file: str | None, dtype: str, revision: str | None, *, private: bool,
-                pool: ModelPool | None = None) -> Any:
+def _pretrained(
+    folder: Path,
+    gguf_file: str | None,
+    dtype: str,
+    revision: str | None,
+    *,
+    private: bool,
+    pool: ModelPool | None = None,
+) -> Any:
     """The model read from ``folder``, once per pool. ``private``: a copy the caller may change (a transform,
     a move to a GPU); otherwise the pool's shared copy itself, which saves the memory of a second copy when
     the model is evaluated as it is on the CPU."""
@@ -73,8 +80,9 @@ def _pretrained(folder: Path, gguf_file: str | None, dtype: str, revision: str |
 class TransformersBackend:
     """A causal LM from transformers (local folder, GGUF file or hub id), optionally transformed."""
 
-    def __init__(self, spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str,
-                 pool: ModelPool | None = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str, pool: ModelPool | None = None
+    ) -> None:
         import torch
 
         self._torch = torch
@@ -84,8 +92,9 @@ class TransformersBackend:
         folder, gguf_file = resolve_local(spec)
         revision = spec.revision if spec.revision and not Path(spec.path).exists() else None
         try:
-            tokenizer_source = resolve_local(
-                ModelSpec(name=spec.name, path=spec.tokenizer)) if spec.tokenizer else (folder, gguf_file)
+            tokenizer_source = (
+                resolve_local(ModelSpec(name=spec.name, path=spec.tokenizer)) if spec.tokenizer else (folder, gguf_file)
+            )
             self.tokenizer = _tokenizer(*tokenizer_source, pool=pool)
             if spec.backend == "vptq":
                 from .quantize import load_vptq_model
@@ -93,8 +102,9 @@ class TransformersBackend:
                 model = load_vptq_model(folder, device="cpu" if device == "cpu" else device)
             else:
                 # Evaluated as it is on the CPU, the model is never changed: no copy needed.
-                model = _pretrained(folder, gguf_file, spec.dtype, revision,
-                                    private=bool(spec.transform) or device != "cpu", pool=pool)
+                model = _pretrained(
+                    folder, gguf_file, spec.dtype, revision, private=bool(spec.transform) or device != "cpu", pool=pool
+                )
         except ModelLoadError:
             raise
         except Exception as error:
@@ -105,14 +115,20 @@ class TransformersBackend:
         self.model = model.to(device).eval()
         config = self.model.config
         self.max_length = spec.max_length or next(
-            (getattr(config, a) for a in ("n_positions", "max_position_embeddings", "n_ctx")
-             if getattr(config, a, None)), 2048)
+            (
+                getattr(config, a)
+                for a in ("n_positions", "max_position_embeddings", "n_ctx")
+                if getattr(config, a, None)
+            ),
+            2048,
+        )
         self.kv_reuse = True  # False: every request the plain way (the reference the tests compare with)
         self._kv: Any = None
         self.sizer = BatchSizer(spec.batch_size, device)
         self.generation_sizer = BatchSizer(spec.batch_size, device, cpu_tokens=CPU_GENERATION_TOKENS)
         self.prefix_token_id = (
-            self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id)
+            self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        )
         self._prefix_text = self.tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
 
     def _apply_transform(self, model: Any, checkpoint_dir: Path) -> Any:
@@ -129,9 +145,12 @@ class TransformersBackend:
             log.info("building VPTQ checkpoint for %s in %s", self.spec.name, checkpoint_dir)
             vector_len = int(transform.get("vector_len", 4))
             quantize.build_vptq_checkpoint(
-                model if model.dtype == self._torch.float32 else model.float(), checkpoint_dir, vector_len=vector_len,
+                model if model.dtype == self._torch.float32 else model.float(),
+                checkpoint_dir,
+                vector_len=vector_len,
                 num_centroids=2 ** (int(transform["bits"]) * vector_len),
-                kmeans_iters=int(transform.get("kmeans_iters", 20)), seed=int(transform.get("seed", 0)),
+                kmeans_iters=int(transform.get("kmeans_iters", 20)),
+                seed=int(transform.get("seed", 0)),
             )
         del model
         return quantize.load_vptq_model(checkpoint_dir, device="cpu")
@@ -152,7 +171,7 @@ class TransformersBackend:
             context = context[:-n_spaces]
         whole = self._encode(context + continuation)
         context_tokens = self._encode(context)
-        return context_tokens, whole[len(context_tokens):]
+        return context_tokens, whole[len(context_tokens) :]
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
         """Summed continuation log-probability and greedy flag per request.
@@ -180,33 +199,34 @@ class TransformersBackend:
 
     def _plain(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """lm-eval's way: each (context + continuation)[:-1] in full, longest first in batches."""
-        inputs = [(context + continuation)[-(self.max_length + 1):][:-1] for context, continuation in encoded]
+        inputs = [(context + continuation)[-(self.max_length + 1) :][:-1] for context, continuation in encoded]
         order = sorted(range(len(encoded)), key=lambda i: -len(inputs[i]))
         with self._torch.inference_mode():
-            values = self.sizer.run(order, lambda i: len(inputs[i]),
-                                    lambda rows: self._plain_batch([inputs[i] for i in rows],
-                                                                   [encoded[i][1] for i in rows]))
+            values = self.sizer.run(
+                order,
+                lambda i: len(inputs[i]),
+                lambda rows: self._plain_batch([inputs[i] for i in rows], [encoded[i][1] for i in rows]),
+            )
         results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
         for i, value in zip(order, values, strict=True):
             results[i] = value
         return results
 
-    def _plain_batch(self, inputs: Sequence[list[int]], continuations: Sequence[list[int]]
-                     ) -> list[tuple[float, bool]]:
+    def _plain_batch(self, inputs: Sequence[list[int]], continuations: Sequence[list[int]]) -> list[tuple[float, bool]]:
         torch = self._torch
         width = max(len(x) for x in inputs)
         ids = torch.zeros((len(inputs), width), dtype=torch.long)
         mask = torch.zeros((len(inputs), width), dtype=torch.long)
         for r, tokens in enumerate(inputs):
-            ids[r, :len(tokens)] = torch.tensor(tokens)
-            mask[r, :len(tokens)] = 1
+            ids[r, : len(tokens)] = torch.tensor(tokens)
+            mask[r, : len(tokens)] = 1
         decoder = self.model.get_decoder()
         hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
         # Gather only the positions that predict continuation tokens.
         spans, targets = [], []
         for r, continuation in enumerate(continuations):
             length = len(inputs[r])
-            spans.append(hidden[r, length - len(continuation):length])
+            spans.append(hidden[r, length - len(continuation) : length])
             targets.append(torch.tensor(continuation, device=self.device))
         return span_scores(self.model.get_output_embeddings(), spans, targets)
 
@@ -218,9 +238,16 @@ class TransformersBackend:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[str]]:
         """Completions per request, as lm-eval's HFLM.generate_until (see ``generation``)."""
-        return generate_completions(self.model, self.tokenizer, [self._context_text(r) for r in requests], requests,
-                                    device=self.device, max_length=self.max_length, sizer=self.generation_sizer,
-                                    add_bos_token=self.spec.add_bos_token)
+        return generate_completions(
+            self.model,
+            self.tokenizer,
+            [self._context_text(r) for r in requests],
+            requests,
+            device=self.device,
+            max_length=self.max_length,
+            sizer=self.generation_sizer,
+            add_bos_token=self.spec.add_bos_token,
+        )
 
     def close(self) -> None:
         """Drop the model (and the pool's pristine copies) and free accelerator memory."""

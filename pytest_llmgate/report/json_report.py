@@ -18,8 +18,14 @@ SCHEMA = "llmgate-report/1"
 
 
 def _rule(rule: RuleResult) -> dict[str, Any]:
-    return {"rule": rule.rule, "passed": rule.passed, "detail": rule.detail, "critical": rule.critical,
-            "task": rule.task, "skipped": rule.skipped}
+    return {
+        "rule": rule.rule,
+        "passed": rule.passed,
+        "detail": rule.detail,
+        "critical": rule.critical,
+        "task": rule.task,
+        "skipped": rule.skipped,
+    }
 
 
 def _tasks(stats: Mapping[str, TaskStats], verdict: StageVerdict | None, margin_note: str) -> dict[str, Any]:
@@ -27,11 +33,19 @@ def _tasks(stats: Mapping[str, TaskStats], verdict: StageVerdict | None, margin_
     for name, st in sorted(stats.items()):
         base_ci = st.intervals.get(BASELINE_STAGE)
         entry: dict[str, Any] = {
-            "metric": st.metric, "n": st.n, "chance": st.chance,
+            "metric": st.metric,
+            "n": st.n,
+            "chance": st.chance,
             "baseline": {"score": st.scores.get(BASELINE_STAGE), "ci": list(base_ci) if base_ci else None},
-            "candidate": {"score": None}, "retention": None, "step_retention": None,
-            "threshold": None, "passed": True, "informative": True,
-            "wins": 0, "losses": 0, "ties": 0,
+            "candidate": {"score": None},
+            "retention": None,
+            "step_retention": None,
+            "threshold": None,
+            "passed": True,
+            "informative": True,
+            "wins": 0,
+            "losses": 0,
+            "ties": 0,
         }
         if verdict is not None and name in verdict.tasks:
             tv = verdict.tasks[name]
@@ -39,8 +53,14 @@ def _tasks(stats: Mapping[str, TaskStats], verdict: StageVerdict | None, margin_
             entry.update(
                 candidate={"score": tv.score, "stage": verdict.stage, "ci": list(cand_ci) if cand_ci else None},
                 retention=tv.retention,
-                step_retention=tv.step_retention, threshold=tv.threshold, passed=tv.passed,
-                informative=tv.informative, wins=tv.wlt[0], losses=tv.wlt[1], ties=tv.wlt[2])
+                step_retention=tv.step_retention,
+                threshold=tv.threshold,
+                passed=tv.passed,
+                informative=tv.informative,
+                wins=tv.wlt[0],
+                losses=tv.wlt[1],
+                ties=tv.wlt[2],
+            )
             if not tv.informative:
                 entry["note"] = margin_note
             evidence = tv.evidence
@@ -48,10 +68,16 @@ def _tasks(stats: Mapping[str, TaskStats], verdict: StageVerdict | None, margin_
                 entry.update(
                     retention_ci=None if evidence.lo is None and evidence.hi is None else [evidence.lo, evidence.hi],
                     retention_ci_note=getattr(evidence, "note", None),
-                    confidence=evidence.confidence, policy=evidence.policy, resolved=evidence.resolved,
-                    mcnemar={"regressed": evidence.regressed, "improved": evidence.improved,
-                             "p_value": evidence.mcnemar_p},
-                    noninferiority={"p_value": evidence.noninferiority_p, "p_holm": evidence.noninferiority_p_holm})
+                    confidence=evidence.confidence,
+                    policy=evidence.policy,
+                    resolved=evidence.resolved,
+                    mcnemar={
+                        "regressed": evidence.regressed,
+                        "improved": evidence.improved,
+                        "p_value": evidence.mcnemar_p,
+                    },
+                    noninferiority={"p_value": evidence.noninferiority_p, "p_holm": evidence.noninferiority_p_holm},
+                )
         groups = _groups(st)
         if groups:
             entry["groups"] = groups
@@ -67,17 +93,21 @@ def _groups(st: TaskStats) -> dict[str, Any]:
     for index, label in enumerate(st.clusters):
         members.setdefault(label, []).append(index)
     return {
-        label: {"n": len(indices),
-                "scores": {role: sum(values[i] for i in indices) / len(indices) for role, values in st.items.items()}}
+        label: {
+            "n": len(indices),
+            "scores": {role: sum(values[i] for i in indices) / len(indices) for role, values in st.items.items()},
+        }
         for label, indices in sorted(members.items())
     }
 
 
 def _stage(stats: Mapping[str, TaskStats], verdict: StageVerdict, margin_note: str) -> dict[str, Any]:
     return {
-        "verdict": verdict.verdict, "exit_code": verdict.exit_code,
+        "verdict": verdict.verdict,
+        "exit_code": verdict.exit_code,
         "mean_retention": verdict.mean_retention,
-        "tasks": _tasks(stats, verdict, margin_note), "rules": [_rule(r) for r in verdict.rules],
+        "tasks": _tasks(stats, verdict, margin_note),
+        "rules": [_rule(r) for r in verdict.rules],
         "recommendations": list(verdict.recommendations),
     }
 
@@ -132,14 +162,21 @@ def build_report(
     report = {**_finite(report), "items": []}
     for outcome in items:
         sides = outcome.sides
-        report["items"].append({
-            "task": outcome.task, "doc_id": outcome.doc_id, "id": outcome.item_id,
-            "metric": outcome.metric, "gold": outcome.gold, "chance": outcome.chance,
-            "status": outcome.status, "worker": outcome.worker,
-            "baseline": sides.get(BASELINE_STAGE),
-            "candidate": sides.get(candidate_role) if candidate_role else None,
-            "stages": {role: side for role, side in sides.items() if role != BASELINE_STAGE},
-        })
+        report["items"].append(
+            {
+                "task": outcome.task,
+                "doc_id": outcome.doc_id,
+                "id": outcome.item_id,
+                "metric": outcome.metric,
+                "gold": outcome.gold,
+                "chance": outcome.chance,
+                "status": outcome.status,
+                "worker": outcome.worker,
+                "baseline": sides.get(BASELINE_STAGE),
+                "candidate": sides.get(candidate_role) if candidate_role else None,
+                "stages": {role: side for role, side in sides.items() if role != BASELINE_STAGE},
+            }
+        )
     return report
 
 

@@ -9,8 +9,19 @@ from ..config import BASELINE_STAGE
 from ..gate import RunDecision, StageVerdict
 from ..stats import TaskStats
 
-HEADER = ("task", "metric", "n", "baseline", "candidate", "retention", "CI", "threshold", "W/L/T", "p(McNemar)",
-          "status")
+HEADER = (
+    "task",
+    "metric",
+    "n",
+    "baseline",
+    "candidate",
+    "retention",
+    "CI",
+    "threshold",
+    "W/L/T",
+    "p(McNemar)",
+    "status",
+)
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -19,8 +30,7 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return lines
 
@@ -44,14 +54,34 @@ def stage_table(stats: Mapping[str, TaskStats], verdict: StageVerdict | None) ->
             status += " (unresolved)"
         ci = "-" if evidence is None or evidence.lo is None else f"[{evidence.lo:.3f}, {evidence.hi:.3f}]"
         p_value = "-" if evidence is None else f"{evidence.mcnemar_p:.3g}"
-        rows.append((name, st.metric, str(st.n), _num(base), _num(tv.score), _num(tv.retention), ci,
-                     _num(tv.threshold, 2), "/".join(map(str, tv.wlt)), p_value, status))
+        rows.append(
+            (
+                name,
+                st.metric,
+                str(st.n),
+                _num(base),
+                _num(tv.score),
+                _num(tv.retention),
+                ci,
+                _num(tv.threshold, 2),
+                "/".join(map(str, tv.wlt)),
+                p_value,
+                status,
+            )
+        )
     return _table(rows)
 
 
-def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: int, problems: Sequence[str] = (),
-           notes: Sequence[str] = (), models: Mapping[str, Any], cache: bool = True
-           ) -> list[tuple[str, dict[str, bool]]]:
+def render(
+    decision: RunDecision,
+    stats: Mapping[str, TaskStats],
+    *,
+    exit_code: int,
+    problems: Sequence[str] = (),
+    notes: Sequence[str] = (),
+    models: Mapping[str, Any],
+    cache: bool = True,
+) -> list[tuple[str, dict[str, bool]]]:
     """(line, markup) pairs for the terminal reporter.
 
     ``problems``: why the run is incomplete (nothing or not everything checked, harness errors, crashes,
@@ -59,8 +89,13 @@ def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: 
     """
     out: list[tuple[str, dict[str, bool]]] = []
     for role, info in models.items():
-        out.append((f"{role}: {info['name']} ({info['fingerprint'][:12]}) - evaluated {info['evaluated']}, "
-                    f"from cache {info['cached']}", {}))
+        out.append(
+            (
+                f"{role}: {info['name']} ({info['fingerprint'][:12]}) - evaluated {info['evaluated']}, "
+                f"from cache {info['cached']}",
+                {},
+            )
+        )
     for note in notes:
         out.append((note, {"yellow": True}))
     if decision.stage == BASELINE_STAGE and stats:
@@ -69,11 +104,12 @@ def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: 
         stored = models.get(BASELINE_STAGE, {}).get("stored", 0)
         stored_all = cache and stored == n and not notes
         if not cache:
-            line = (f"baseline evaluated: {n} items; the cache is off, so nothing was stored for a later "
-                    "--stage run")
+            line = f"baseline evaluated: {n} items; the cache is off, so nothing was stored for a later --stage run"
         elif not stored_all:
-            line = (f"baseline evaluated: {n} items, but the cache had trouble (see above): {stored} were written "
-                    "to it and a later --stage run evaluates what is not there again")
+            line = (
+                f"baseline evaluated: {n} items, but the cache had trouble (see above): {stored} were written "
+                "to it and a later --stage run evaluates what is not there again"
+            )
         else:
             line = f"baseline recorded: {n} items in the cache; run --stage=<stage> to gate a compressed model"
         out.append((line, {"green": stored_all, "yellow": not stored_all, "bold": True}))
@@ -93,15 +129,22 @@ def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: 
         out += [(f"  - {problem}", {"red": True}) for problem in problems]
         what = "nothing was checked" if not stats else "the figures above cover only the items that ran"
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        out.append((f"llmgate: INCOMPLETE - {problems[0].split(': ')[0]}{more}; {what} and the gate is not "
-                    f"applied (exit {exit_code})", {"red": True, "bold": True}))
+        out.append(
+            (
+                f"llmgate: INCOMPLETE - {problems[0].split(': ')[0]}{more}; {what} and the gate is not "
+                f"applied (exit {exit_code})",
+                {"red": True, "bold": True},
+            )
+        )
         return out
     if decision.stage != BASELINE_STAGE:
         out.append(("", {}))
         if decision.stage == "all":
-            headline = (f"llmgate: ladder selects stage '{decision.selected}' (the most compressed that passes)"
-                        if decision.selected else
-                        "llmgate: no stage of the ladder passes; ship none of them")
+            headline = (
+                f"llmgate: ladder selects stage '{decision.selected}' (the most compressed that passes)"
+                if decision.selected
+                else "llmgate: no stage of the ladder passes; ship none of them"
+            )
         else:
             headline = f"llmgate: stage '{decision.stage}' {decision.verdict.upper()}"
         good = decision.verdict == "pass"
@@ -111,24 +154,40 @@ def render(decision: RunDecision, stats: Mapping[str, TaskStats], *, exit_code: 
 
 def plan_lines(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, bool]]]:
     """The --llmgate-plan table: what the configured items can detect, and what a target drop needs."""
-    table: list[tuple[str, ...]] = [("task", "n", "baseline (cached)", "discordance", "detectable drop",
-                                     "items for drop", "note")]
+    table: list[tuple[str, ...]] = [
+        ("task", "n", "baseline (cached)", "discordance", "detectable drop", "items for drop", "note")
+    ]
     for row in rows:
         if "baseline_accuracy" not in row:
-            table.append((row["task"], str(row["n"]), "not cached", "-", "-", "-",
-                          "run --stage=baseline first"))
+            table.append((row["task"], str(row["n"]), "not cached", "-", "-", "-", "run --stage=baseline first"))
             continue
         discordance = f"{row['discordance']:.3f}" + ("" if row["discordance_measured"] else " (assumed)")
         detectable = row.get("detectable_drop")
-        table.append((
-            row["task"], str(row["n"]), f"{row['baseline_accuracy']:.3f} ({row['baseline_cached']})", discordance,
-            "none at this n" if detectable is None else f"{detectable:.1%}",
-            str(row.get("items_needed", "-")), row.get("note", ""),
-        ))
+        table.append(
+            (
+                row["task"],
+                str(row["n"]),
+                f"{row['baseline_accuracy']:.3f} ({row['baseline_cached']})",
+                discordance,
+                "none at this n" if detectable is None else f"{detectable:.1%}",
+                str(row.get("items_needed", "-")),
+                row.get("note", ""),
+            )
+        )
     first = rows[0] if rows else {"drop": 0.05, "power": 0.8}
-    out = [(f"llmgate plan: paired McNemar test, two-sided alpha 0.05, power {first['power']:.0%}, "
-            f"target drop {first['drop']:.0%} of the baseline score", {"bold": True})]
+    out = [
+        (
+            f"llmgate plan: paired McNemar test, two-sided alpha 0.05, power {first['power']:.0%}, "
+            f"target drop {first['drop']:.0%} of the baseline score",
+            {"bold": True},
+        )
+    ]
     out += [(line, {}) for line in _table(table)]
-    out.append(("discordance = share of items on which baseline and candidate disagree (measured from a cached "
-                "candidate run, else assumed 0.10)", {}))
+    out.append(
+        (
+            "discordance = share of items on which baseline and candidate disagree (measured from a cached "
+            "candidate run, else assumed 0.10)",
+            {},
+        )
+    )
     return out

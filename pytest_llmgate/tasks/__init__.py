@@ -29,8 +29,19 @@ from .winogrande import WinoGrande
 
 TASKS: dict[str, Task] = {
     task.name: task
-    for task in (ArcChallenge(), HellaSwag(), WinoGrande(), TruthfulQAMC1(), TruthfulQAMC2(), MMLU(),
-                 HumanEval(), HumanEvalSampled(), MBPP(), GSM8K(), GSM8KCoT())
+    for task in (
+        ArcChallenge(),
+        HellaSwag(),
+        WinoGrande(),
+        TruthfulQAMC1(),
+        TruthfulQAMC2(),
+        MMLU(),
+        HumanEval(),
+        HumanEvalSampled(),
+        MBPP(),
+        GSM8K(),
+        GSM8KCoT(),
+    )
 }
 
 
@@ -43,7 +54,21 @@ def available_tasks(raw: Mapping[str, Any], base: Path) -> dict[str, Task]:
 
 
 __all__ = [
-    "TASKS", "DatasetError", "DatasetRef", "FewShotSource", "GenerationRequest", "GenerationTask", "LoadedSplit",
-    "LoglikelihoodRequest", "MultipleChoiceTask", "SuiteError", "Task", "TaskItem", "TaskOptions", "available_tasks",
-    "completion", "jsonl_split", "merge_tasks",
+    "TASKS",
+    "DatasetError",
+    "DatasetRef",
+    "FewShotSource",
+    "GenerationRequest",
+    "GenerationTask",
+    "LoadedSplit",
+    "LoglikelihoodRequest",
+    "MultipleChoiceTask",
+    "SuiteError",
+    "Task",
+    "TaskItem",
+    "TaskOptions",
+    "available_tasks",
+    "completion",
+    "jsonl_split",
+    "merge_tasks",
 ]

@@ -38,8 +38,11 @@ class LoglikelihoodRequest:
 
     def payload(self) -> list[Any]:
         """What identifies the request in the cache key."""
-        return [self.context, self.continuation] if self.chat is None else [
-            self.context, self.continuation, [list(m) for m in self.chat]]
+        return (
+            [self.context, self.continuation]
+            if self.chat is None
+            else [self.context, self.continuation, [list(m) for m in self.chat]]
+        )
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,17 @@ class GenerationRequest:
 
     def payload(self) -> list[Any]:
         """What identifies the request in the cache key."""
-        return ["generate", self.context, list(self.until), self.max_gen_toks, self.temperature, self.top_p,
-                self.samples, self.seed, None if self.chat is None else [list(m) for m in self.chat]]
+        return [
+            "generate",
+            self.context,
+            list(self.until),
+            self.max_gen_toks,
+            self.temperature,
+            self.top_p,
+            self.samples,
+            self.seed,
+            None if self.chat is None else [list(m) for m in self.chat],
+        ]
 
 
 Request = LoglikelihoodRequest | GenerationRequest
@@ -131,9 +143,16 @@ class TaskOptions:
     def tag(self) -> str:
         """A short stable text for the task version: changed options miss the cache."""
         options = self.resolved()
-        return hashlib.sha256(json.dumps([options.fewshot_seed, options.apply_chat_template,
-                                          options.fewshot_as_multiturn,
-                                          options.system_instruction]).encode()).hexdigest()[:8]
+        return hashlib.sha256(
+            json.dumps(
+                [
+                    options.fewshot_seed,
+                    options.apply_chat_template,
+                    options.fewshot_as_multiturn,
+                    options.system_instruction,
+                ]
+            ).encode()
+        ).hexdigest()[:8]
 
 
 def maybe_delimit(prefix: str | None, suffix: str | None, delimiter: str = " ") -> str:
@@ -159,8 +178,11 @@ class Prompt:
 
     def text(self) -> str:
         """Plain text: system, then ``q + target delimiter + a + few-shot delimiter`` per example, then q."""
-        return self.system + "".join(
-            q + self.target_delimiter + a + self.fewshot_delimiter for q, a in self.shots) + self.question
+        return (
+            self.system
+            + "".join(q + self.target_delimiter + a + self.fewshot_delimiter for q, a in self.shots)
+            + self.question
+        )
 
     def chat(self, multiturn: bool) -> Chat:
         """Messages for a chat template: one user turn holding everything (lm-eval's default), or
@@ -243,8 +265,9 @@ class Task:
             version += f"/{self.options.tag()}"
         return [self.item(doc_ids[i], loaded.rows[i], shots.get(i, ())) for i in chosen], version
 
-    def _shots(self, rows: Sequence[dict[str, Any]], chosen: list[int],
-               data_dir: Path | None) -> tuple[dict[int, tuple[dict[str, Any], ...]], str]:
+    def _shots(
+        self, rows: Sequence[dict[str, Any]], chosen: list[int], data_dir: Path | None
+    ) -> tuple[dict[int, tuple[dict[str, Any], ...]], str]:
         """The worked examples of each chosen row, and a hash of the pool they come from."""
         n = self.num_fewshot
         if n == 0 or not chosen:
@@ -263,8 +286,9 @@ class Task:
                 own = self.fewshot_pool(pool, rows[i])
                 shots[i] = tuple(own[j] for j in first_n(own, n, rows[i] if source.exclude_eval_doc else None))
             return shots, pool_hash
-        drawn = replay_default(pool, rows[:max(chosen) + 1], n, seed=self.options.fewshot_seed,
-                               exclude_eval_doc=source.exclude_eval_doc)
+        drawn = replay_default(
+            pool, rows[: max(chosen) + 1], n, seed=self.options.fewshot_seed, exclude_eval_doc=source.exclude_eval_doc
+        )
         return {i: tuple(pool[j] for j in drawn[i]) for i in chosen}, pool_hash
 
     def fewshot_pool(self, pool: Sequence[dict[str, Any]], doc: dict[str, Any]) -> Sequence[dict[str, Any]]:
@@ -283,8 +307,9 @@ class Task:
     def prompt(self, doc: dict[str, Any], shots: Sequence[dict[str, Any]], question: str) -> Prompt:
         """The prompt of ``doc``: system text, its examples, then ``question``."""
         system = maybe_delimit(self.options.system_instruction, self.description(doc), self.fewshot_delimiter)
-        return Prompt(system, tuple(self.fewshot_pair(s) for s in shots), question,
-                      self.target_delimiter, self.fewshot_delimiter)
+        return Prompt(
+            system, tuple(self.fewshot_pair(s) for s in shots), question, self.target_delimiter, self.fewshot_delimiter
+        )
 
     def render(self, prompt: Prompt) -> tuple[str, Chat | None]:
         """(plain text, chat messages or None) as the options ask."""
@@ -302,9 +327,15 @@ class Task:
         try:
             return self.item_for(doc_id, group, doc, shots)
         except Exception as error:
-            return TaskItem(self.name, doc_id, group, (), -1, (),
-                            error=f"bad data row {doc_id} of {self.dataset.hub_path}: "
-                                  f"{type(error).__name__}: {error}")
+            return TaskItem(
+                self.name,
+                doc_id,
+                group,
+                (),
+                -1,
+                (),
+                error=f"bad data row {doc_id} of {self.dataset.hub_path}: {type(error).__name__}: {error}",
+            )
 
     def item_for(self, doc_id: int, group: str, doc: dict[str, Any], shots: Sequence[dict[str, Any]]) -> TaskItem:
         """Build the item of a row; raise on a bad row (``item`` turns that into an item error)."""
@@ -352,8 +383,9 @@ class MultipleChoiceTask(Task):
         generation prompt (lm-eval's construct_requests does the same)."""
         return "" if self.options.apply_chat_template else self.target_delimiter
 
-    def requests_for(self, doc: dict[str, Any], shots: Sequence[dict[str, Any]], question: str,
-                     choices: list[str]) -> tuple[LoglikelihoodRequest, ...]:
+    def requests_for(
+        self, doc: dict[str, Any], shots: Sequence[dict[str, Any]], question: str, choices: list[str]
+    ) -> tuple[LoglikelihoodRequest, ...]:
         """One request per choice: the choice, after the target delimiter, continues the prompt."""
         context, chat = self.render(self.prompt(doc, shots, question))
         delimiter = self.continuation_delimiter()
@@ -376,10 +408,12 @@ class MultipleChoiceTask(Task):
             "prediction": prediction,
             "prediction_norm": prediction_norm,
             "scores": {
-                name: value for name, value in (
+                name: value
+                for name, value in (
                     ("acc", 1.0 if prediction == item.gold else 0.0),
                     ("acc_norm", 1.0 if prediction_norm == item.gold else 0.0),
-                ) if name in self.metrics
+                )
+                if name in self.metrics
             },
         }
 
@@ -407,12 +441,21 @@ class GenerationTask(Task):
 
     def generation_request(self, context: str, chat: Chat | None) -> GenerationRequest:
         """The request for one prompt, with the task's stop strings and sampling settings."""
-        return GenerationRequest(context, tuple(self.until), self.max_gen_toks, self.temperature, self.top_p,
-                                 self.samples, DEFAULT_FEWSHOT_SEED, chat)
+        return GenerationRequest(
+            context,
+            tuple(self.until),
+            self.max_gen_toks,
+            self.temperature,
+            self.top_p,
+            self.samples,
+            DEFAULT_FEWSHOT_SEED,
+            chat,
+        )
 
     def item_for(self, doc_id: int, group: str, doc: dict[str, Any], shots: Sequence[dict[str, Any]]) -> TaskItem:
         """One generation request; the reference rides in ``extra['reference']``."""
         question, reference = self.build(doc)
         context, chat = self.render(self.prompt(doc, shots, question))
-        return TaskItem(self.name, doc_id, group, (self.generation_request(context, chat),), -1, (),
-                        extra={"reference": reference})
+        return TaskItem(
+            self.name, doc_id, group, (self.generation_request(context, chat),), -1, (), extra={"reference": reference}
+        )

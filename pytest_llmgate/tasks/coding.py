@@ -41,9 +41,34 @@ MEMO_SIZE = 4096
 # (a completion's ``if __name__ == "__main__":`` block does not run). ``exit``, ``quit`` and ``help``, also
 # disabled there, do not exist in the sandbox's interpreter (it runs without the site module).
 _GUARDED = {
-    "os": ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
-           "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
-           "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir"),
+    "os": (
+        "kill",
+        "system",
+        "putenv",
+        "remove",
+        "removedirs",
+        "rmdir",
+        "fchdir",
+        "setuid",
+        "fork",
+        "forkpty",
+        "killpg",
+        "rename",
+        "renames",
+        "truncate",
+        "replace",
+        "unlink",
+        "fchmod",
+        "fchown",
+        "chmod",
+        "chown",
+        "chroot",
+        "lchflags",
+        "lchmod",
+        "lchown",
+        "getcwd",
+        "chdir",
+    ),
     "shutil": ("rmtree", "move", "chown"),
     "subprocess": ("Popen",),
 }
@@ -73,8 +98,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if not 0 <= c <= n:
         raise ValueError(f"pass@k: the number correct must lie in 0..n = 0..{n}, got {c}")
     if n < k:
-        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got n = {n}; "
-                         f"draw more samples or report a smaller k")
+        raise ValueError(
+            f"pass@{k} needs at least {k} samples per problem, got n = {n}; draw more samples or report a smaller k"
+        )
     if n - c < k:
         return 1.0  # every k-subset holds a correct sample
     return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
@@ -110,8 +136,13 @@ class Verdicts:
         except CacheError:  # a failing cache costs a rerun of the programs, never the run
             return {}
 
-    def execute(self, programs: Sequence[str], timeout: float = SANDBOX_TIMEOUT, max_workers: int | None = None,
-                prelude: str = CODE_EVAL_PRELUDE) -> list[dict[str, Any]]:
+    def execute(
+        self,
+        programs: Sequence[str],
+        timeout: float = SANDBOX_TIMEOUT,
+        max_workers: int | None = None,
+        prelude: str = CODE_EVAL_PRELUDE,
+    ) -> list[dict[str, Any]]:
         """See ``execute``."""
         from ..sandbox import run_checks
 
@@ -162,8 +193,13 @@ def verdict_key(program: str, timeout: float) -> str:
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-def execute(programs: Sequence[str], timeout: float = SANDBOX_TIMEOUT, max_workers: int | None = None,
-            prelude: str = CODE_EVAL_PRELUDE, verdicts: Verdicts | None = None) -> list[dict[str, Any]]:
+def execute(
+    programs: Sequence[str],
+    timeout: float = SANDBOX_TIMEOUT,
+    max_workers: int | None = None,
+    prelude: str = CODE_EVAL_PRELUDE,
+    verdicts: Verdicts | None = None,
+) -> list[dict[str, Any]]:
     """Run ``prelude + program`` in the sandbox for each program; its verdict as a report record, in input order.
 
     A record is ``CheckResult.as_dict()`` (stdout and stderr cut to ``OUTPUT_KEPT`` characters) plus
@@ -193,8 +229,10 @@ class CodeTask(GenerationTask):
         super().__init_subclass__(**kwargs)
         n = cls.samples if cls.temperature > 0 else 1  # greedy decoding draws one completion
         if not cls.ks or any(not 1 <= k <= n for k in cls.ks):
-            raise TypeError(f"{cls.__name__}: each pass@k needs 1 <= k <= n = {n} completions "
-                            f"(samples = {cls.samples}, temperature = {cls.temperature}); got ks = {cls.ks}")
+            raise TypeError(
+                f"{cls.__name__}: each pass@k needs 1 <= k <= n = {n} completions "
+                f"(samples = {cls.samples}, temperature = {cls.temperature}); got ks = {cls.ks}"
+            )
         if "metrics" not in cls.__dict__:
             cls.metrics = tuple(f"pass@{k}" for k in cls.ks)
 
@@ -224,10 +262,16 @@ class CodeTask(GenerationTask):
         if not isinstance(request, GenerationRequest):
             raise ValueError(f"{item.task} {item.item_id}: not an item with one generation request")
         expected = request.samples if request.temperature > 0 else 1  # greedy decoding: one completion
-        if (len(results) != 1 or not isinstance(results[0], list | tuple) or len(results[0]) != expected
-                or not all(isinstance(c, str) for c in results[0])):
-            raise ValueError(f"{item.task} {item.item_id}: expected one list of {expected} completion(s), "
-                             f"got {str(list(results))[:200]}")
+        if (
+            len(results) != 1
+            or not isinstance(results[0], list | tuple)
+            or len(results[0]) != expected
+            or not all(isinstance(c, str) for c in results[0])
+        ):
+            raise ValueError(
+                f"{item.task} {item.item_id}: expected one list of {expected} completion(s), "
+                f"got {str(list(results))[:200]}"
+            )
         return list(results[0])
 
     def score(self, item: TaskItem, results: Sequence[Any]) -> dict[str, Any]:
@@ -236,8 +280,10 @@ class CodeTask(GenerationTask):
         executions = execute([self.program(item, c) for c in completions], self.timeout, verdicts=self.verdicts)
         broken = [e for e in executions if e["status"] == "error"]
         if broken:
-            raise SandboxError(f"{item.task} {item.item_id}: the sandbox could not run {len(broken)} of "
-                               f"{len(executions)} program(s): {broken[0]['reason']}")
+            raise SandboxError(
+                f"{item.task} {item.item_id}: the sandbox could not run {len(broken)} of "
+                f"{len(executions)} program(s): {broken[0]['reason']}"
+            )
         n, c = len(completions), sum(1 for e in executions if e["passed"])
         return {
             "completions": completions,

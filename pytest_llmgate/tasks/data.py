@@ -75,7 +75,8 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
             except UnicodeDecodeError as error:
                 raise DatasetError(
                     f"{path}:{number}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1}); "
-                    "JSON Lines files are UTF-8: re-encode the file (e.g. iconv -f latin1 -t utf-8)") from None
+                    "JSON Lines files are UTF-8: re-encode the file (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -99,8 +100,10 @@ def _read_parquet(paths: list[Path]) -> list[dict[str, Any]]:
         try:
             rows.extend(pq.read_table(path).to_pylist())
         except Exception as error:  # pyarrow's errors have no common base worth naming
-            raise DatasetError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error}); "
-                               "replace it, or use a .jsonl file of the same split") from None
+            raise DatasetError(
+                f"{path}: not a readable Parquet file ({type(error).__name__}: {error}); "
+                "replace it, or use a .jsonl file of the same split"
+            ) from None
     return rows
 
 

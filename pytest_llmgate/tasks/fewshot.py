@@ -47,8 +47,9 @@ def first_n(pool: Sequence[Any], n: int, eval_doc: Any = None) -> list[int]:
     return indices[:n]
 
 
-def replay_default(pool: Sequence[Any], eval_docs: Sequence[Any], n: int, *, seed: int,
-                   exclude_eval_doc: bool) -> list[list[int]]:
+def replay_default(
+    pool: Sequence[Any], eval_docs: Sequence[Any], n: int, *, seed: int, exclude_eval_doc: bool
+) -> list[list[int]]:
     """Indices into ``pool`` of each evaluated doc's examples, in lm-eval's order of draws."""
     if n > len(pool):
         raise ValueError(f"{n} few-shot examples requested but the few-shot split holds only {len(pool)}")

