@@ -25,6 +25,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # Result-channel protocol (harness -> parent), one write each: "INFO {json}\n" + "READY\n" before the
 # program starts (trusted: no model code has run yet); afterwards only the exact nonce means "ran to the
@@ -898,11 +902,11 @@ class _Run:
             why += " (unexpected data on the result channel)"
         return self._result("failed", why, **extra)
 
-    def _result(self, status: str, reason: str, **fields: object) -> CheckResult:
+    def _result(self, status: str, reason: str, **fields: Any) -> CheckResult:
         uid = self.cfg["uid"] if self.cfg["uid"] >= _UID_BASE else None
         return CheckResult(
             status=status, reason=reason, duration=round(time.monotonic() - self.started, 4), sandbox_uid=uid, **fields
-        )  # type: ignore[arg-type]
+        )
 
 
 def _child_env() -> dict[str, str]:

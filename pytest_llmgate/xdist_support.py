@@ -39,7 +39,7 @@ def _scheduler_class() -> type:
     """``ShardScheduling``, built on first use so that importing this module does not import xdist."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class ShardScheduling(LoadScopeScheduling):  # type: ignore[misc]
+    class ShardScheduling(LoadScopeScheduling):
         """LoadScope scheduling whose scope is the llmgate shard; other tests are their own scope."""
 
         def __init__(self, config: pytest.Config, log: Any, shard_size: int) -> None:

@@ -276,7 +276,7 @@ def load_backend(
     """Instantiate the backend for ``spec`` on ``device``."""
     if ":" in spec.backend:
         backend_class = import_backend(spec.backend)
-        return backend_class(spec, device=device)  # type: ignore[no-any-return]
+        return backend_class(spec, device=device)
     from .transformers_backend import TransformersBackend
 
     return TransformersBackend(spec, device=device, work_dir=work_dir, fingerprint=fingerprint, pool=pool)

@@ -337,7 +337,7 @@ def load_vptq_model(path: str | os.PathLike[str], device: str = "cpu", dtype: st
         model = vptq.AutoModelForCausalLM.from_pretrained(str(root), device_map={"": device}, dtype=torch_dtype)
     model.eval()
     logger.info("vptq: loaded %s in %.1f s", root, time.perf_counter() - started)
-    return model  # type: ignore[no-any-return]
+    return model
 
 
 def require_vptq() -> ModuleType:

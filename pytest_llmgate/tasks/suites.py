@@ -230,7 +230,7 @@ def _import_function(target: str, base: Path, where: str) -> Callable[..., Any]:
         raise SuiteError(where, f"module {module_name!r} has no attribute {attribute!r}")
     if not callable(function):
         raise SuiteError(where, f"{target} is not callable; it must be a function (completion, row) -> float")
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 def parse_scorer(raw: Any, base: Path, where: str) -> Scorer:
@@ -589,7 +589,7 @@ class _Suite(Task):
             named.append(("group_field", spec.group_field))
         return named
 
-    @property  # type: ignore[misc]  # the train part, known once the file is read
+    @property  # the train part, known once the file is read
     def fewshot(self) -> FewShotSource | None:  # type: ignore[override]  # a class attribute on other tasks
         """Examples come from the train part, drawn by lm-eval's seeded sampler like the built-in tasks'."""
         if self.spec.split is None:
@@ -800,7 +800,7 @@ def suite_task(spec: SuiteSpec) -> Task:
             max_gen_toks=spec.max_gen_toks,
         )
     cls = type(f"{base.__name__}_{spec.name}", (base,), attributes)
-    return cls(spec)  # type: ignore[no-any-return]
+    return cls(spec)
 
 
 def suite_tasks(raw: Mapping[str, Any], base: Path, builtin: Mapping[str, Task]) -> dict[str, Task]:
