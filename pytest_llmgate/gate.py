@@ -10,9 +10,6 @@ from . import EXIT_BREACH, EXIT_CRITICAL
 from .config import BASELINE_STAGE, GateConfig, StageSpec
 from .stats import TaskStats, mean
 
-# Bootstrap resamples for the retention interval: enough for stable 95% percentiles, fast on CPU.
-RESAMPLES = 2000
-
 
 @dataclass(frozen=True)
 class RuleResult:
@@ -46,7 +43,7 @@ class TaskVerdict:
 class RetentionEvidence:
     """The paired statistics behind a retention decision (baseline and candidate answer the same items)."""
 
-    lo: float | None  # paired-bootstrap interval of the retention
+    lo: float | None  # retention_interval: the score interval dual to the non-inferiority test (None: see note)
     hi: float | None
     confidence: float
     policy: str
@@ -56,37 +53,61 @@ class RetentionEvidence:
     mcnemar_p: float
     noninferiority_p: float | None  # one-sided H0: retention <= threshold
     noninferiority_p_holm: float | None = None  # Holm-adjusted across the stage's tasks
+    note: str | None = None  # why a bound of the interval is None, in words
 
 
 def retention_evidence(config: GateConfig, st: TaskStats, role: str, threshold: float | None) -> RetentionEvidence:
-    """Interval, McNemar and non-inferiority for ``role`` against the baseline on one task."""
-    from .stats import mcnemar_exact, noninferiority_test, paired_bootstrap_retention
+    """Interval, McNemar and non-inferiority for ``role`` against the baseline on one task.
+
+    The interval is ``retention_interval`` (the non-inferiority test inverted) and ``resolved`` comes
+    from ``retention_decision`` on the same test, so ``_retention_passes`` can decide every policy from
+    ``noninferiority_p`` and ``resolved`` alone, also where a bound is None.
+    """
+    from .stats import mcnemar_exact, noninferiority_test, retention_decision, retention_interval
 
     base, cand = st.items[BASELINE_STAGE], st.items[role]
     clusters = st.clusters if len(set(st.clusters)) > 1 else None
-    ci = paired_bootstrap_retention(base, cand, threshold=threshold, confidence=config.confidence,
-                                    resamples=RESAMPLES, seed=config.seed, clusters=clusters)
+    ci = retention_interval(base, cand, confidence=config.confidence, clusters=clusters)
     mc = mcnemar_exact(base, cand)
     ni = noninferiority_test(base, cand, threshold, clusters) if threshold is not None else None
     resolved = None
-    if threshold is not None and ci.lo is not None and ci.hi is not None:
-        resolved = ci.lo >= threshold or ci.hi < threshold
+    if threshold is not None and ci.point is not None:
+        resolved = retention_decision(base, cand, threshold, confidence=config.confidence, clusters=clusters).resolved
     return RetentionEvidence(
-        lo=ci.lo, hi=ci.hi, confidence=config.confidence, policy=config.policy, resolved=resolved,
-        regressed=mc.regressed, improved=mc.improved, mcnemar_p=mc.p_value,
-        noninferiority_p=None if ni is None else ni.p_value)
+        lo=ci.lo,
+        hi=ci.hi,
+        confidence=config.confidence,
+        policy=config.policy,
+        resolved=resolved,
+        regressed=mc.regressed,
+        improved=mc.improved,
+        mcnemar_p=mc.p_value,
+        noninferiority_p=None if ni is None else ni.p_value,
+        note=ci.note,
+    )
 
 
-def _retention_passes(config: GateConfig, retention: float, evidence: RetentionEvidence | None,
-                      threshold: float) -> bool:
-    """The gate policy's answer: point estimate, or the interval's lower (strict) or upper (lenient) bound."""
-    from .stats import policy_decision
+def _retention_passes(
+    config: GateConfig, retention: float, evidence: RetentionEvidence | None, threshold: float
+) -> bool:
+    """The gate policy's answer: the point estimate, or the paired tests behind the interval's bounds.
 
-    if evidence is None or evidence.lo is None or evidence.hi is None:
+    strict passes exactly when the non-inferiority test rejects retention <= threshold at
+    (1 - confidence) / 2, which is when the interval's lower bound is >= threshold; lenient fails
+    exactly when the mirror test rejects retention >= threshold, i.e. when the evidence is resolved
+    and strict does not pass (``retention_evidence`` takes ``resolved`` from ``retention_decision``).
+    """
+    from .stats import noninferiority_rejects, policy_verdict
+
+    if evidence is None or evidence.noninferiority_p is None or evidence.resolved is None:
         return retention >= threshold
-    # A percentile interval can sit just off the point estimate; the policy compares bounds anyway.
-    lo, hi = min(evidence.lo, retention), max(evidence.hi, retention)
-    return policy_decision(retention, lo, hi, threshold, config.policy).passed  # type: ignore[arg-type]
+    strict = noninferiority_rejects(evidence.noninferiority_p, evidence.confidence)
+    return policy_verdict(
+        config.policy,  # type: ignore[arg-type]
+        point_passes=retention >= threshold,
+        strict_passes=strict,
+        lenient_passes=strict or not evidence.resolved,
+    ).passed
 
 
 @dataclass(frozen=True)
@@ -115,6 +136,13 @@ def is_informative(stats: TaskStats, margin: float) -> bool:
     """False unless the baseline beats chance by more than ``margin``: below that, retention measures noise."""
     base = stats.scores.get(BASELINE_STAGE)
     return base is not None and base > stats.chance + margin
+
+
+def interval_text(lo: float | None, hi: float | None) -> str:
+    """An interval as the table and the rules print it: an end the data cannot bound (None) as inf or n/a."""
+    low = "n/a" if lo is None else f"{lo:.3f}"
+    high = "inf" if hi is None else f"{hi:.3f}"
+    return f"[{low}, {high}]"
 
 
 def _fmt(value: float | None) -> str:
@@ -156,10 +184,12 @@ def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, Tas
             elif informative and retention is not None:
                 ok = _retention_passes(config, retention, evidence, thresholds.min_retention)
                 detail = f"retention {retention:.3f} = {score:.3f} / {base:.3f}"
-                if evidence is not None and evidence.lo is not None and evidence.hi is not None:
-                    detail += (f", {evidence.confidence:.0%} CI [{evidence.lo:.3f}, {evidence.hi:.3f}], "
+                if evidence is not None:
+                    detail += (f", {evidence.confidence:.0%} CI {interval_text(evidence.lo, evidence.hi)}, "
                                f"policy {evidence.policy}, "
                                + ("resolved" if evidence.resolved else "UNRESOLVED: more items needed"))
+                    if evidence.note:
+                        detail += f" ({evidence.note})"
                 task_rules.append(RuleResult(
                     f"{task}: retention >= {thresholds.min_retention:.2f}", ok, detail, task=task))
             else:

@@ -6,7 +6,8 @@ numpy and scipy are imported inside the functions that need them, so importing t
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+import struct
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -106,20 +107,26 @@ _Unit = TypeVar("_Unit", float, tuple[float, float])
 
 @dataclass(frozen=True)
 class RetentionCI:
-    """Retention mean(cand) / mean(base) with a paired-bootstrap percentile interval.
+    """Retention mean(cand) / mean(base) with a confidence interval.
 
-    ``point``, ``lo`` and ``hi`` are None when the baseline scores 0 (retention undefined), ``lo``
-    and ``hi`` also when no resample has a retention (possible only with a handful of resamples);
-    ``hi`` is ``math.inf`` when enough resamples have a zero baseline mean and a positive candidate
-    mean.
-    ``share_below`` is the share of bootstrap retentions below the threshold (None without one): a
-    descriptive figure, not a p-value.
+    ``method`` says which interval: "score" or "wald" (``retention_interval``, what the gate uses) or
+    "bootstrap" (``paired_bootstrap_retention``). ``point`` is None when the baseline scores 0
+    (retention undefined; for "score" and "wald" also when it scores so little that the ratio
+    overflows). A bound is None when the data cannot fix it (see ``note``, which then
+    says why in words); bounds are never infinite or NaN for "score" and "wald". For "bootstrap",
+    ``lo`` and ``hi`` are also None when no resample has a retention (possible only with a handful of
+    resamples), and ``hi`` is ``math.inf`` when enough resamples have a zero baseline mean and a
+    positive candidate mean; ``share_below`` is the share of bootstrap retentions below the
+    threshold (None without one, and always None for the other methods): a descriptive figure, not a
+    p-value.
     """
 
     point: float | None
     lo: float | None
     hi: float | None
     share_below: float | None = None
+    method: str = "bootstrap"
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -285,6 +292,13 @@ def paired_bootstrap_retention(
 ) -> RetentionCI:
     """Paired percentile-bootstrap interval for retention = mean(cand) / mean(base).
 
+    Kept for comparison and for callers that want it; the gate no longer uses it. When the two
+    models agree on most items (few discordant pairs) it covers too rarely: 89.8-92.7% instead of
+    95% at 100 items in the report that retired it, and a "strict" gate on its lower bound passed
+    up to 8.7% of candidates whose true retention equals the threshold, where a 95% interval
+    promises 2.5% (benchmarks/stats/README.md has a current comparison). The gate uses
+    ``retention_interval``, the interval dual to ``noninferiority_test``, and ``retention_decision``.
+
     Each resample draws items (or whole clusters, when ``clusters`` labels the items) with
     replacement, keeping each item's baseline and candidate scores together, so the correlation
     between the two models is respected. Resamples whose baseline and candidate means are both 0
@@ -361,35 +375,165 @@ def _null_variance(d: Sequence[float], lower: float, upper: float) -> float:
     whatever mass remains on the bound ``lower`` (or ``upper``) when reweighting alone cannot reach
     mean 0. For 0/1 scores, whose d takes the four values of the 2x2 table with the bounds among
     them, this is the restricted maximum-likelihood estimate of the table under H0 used by the
-    paired-ratio score test (Nam & Blackwelder 2002; Tang, Tang & Chan 2003).
+    paired-ratio score test (Nam & Blackwelder 2002; Tang, Tang & Chan 2003); ``_binary_null_variance``
+    is the same in closed form. The sums run over the sorted distinct values, so the result does
+    not depend on item order.
     """
+    import numpy as np
     from scipy.optimize import brentq
 
-    counts: dict[float, int] = {}
-    for v in d:
-        counts[v] = counts.get(v, 0) + 1
-    support = sorted(counts)
-    shares = [counts[a] / len(d) for a in support]
-    if support == [0.0]:
+    support, counts = np.unique(np.asarray(d, dtype=float), return_counts=True)
+    if len(support) == 1 and support[0] == 0.0:
         return 0.0
+    shares = counts / len(d)
+    weighted = shares * support
 
     def excess(nu: float) -> float:  # mean of the reweighted values; decreasing in nu
-        return math.fsum(q * a / (1 + nu * a) for q, a in zip(shares, support, strict=True))
+        return float(np.sum(weighted / (1 + nu * support)))
 
     nu_low, nu_high = -1 / upper, -1 / lower  # keep 1 + nu * a >= 0 on [lower, upper]
     step = 1e-12 * (nu_high - nu_low)  # an observed bound is a pole: stay just inside it
-    left = nu_low + step if support[-1] >= upper else nu_low
-    right = nu_high - step if support[0] <= lower else nu_high
+    # A value a rounding error inside a bound (cand - theta * base with base = 1 - 1e-16) is a pole too.
+    near = 1e-12 * (upper - lower)
+    left = nu_low + step if support[-1] >= upper - near else nu_low
+    right = nu_high - step if support[0] <= lower + near else nu_high
     if excess(right) >= 0:
         nu = right
     elif excess(left) <= 0:
         nu = left
     else:
         nu = brentq(excess, left, right, xtol=1e-15)
-    weights = [q / (1 + nu * a) for q, a in zip(shares, support, strict=True)]
-    rest = max(0.0, 1.0 - math.fsum(weights))
+    weights = shares / (1 + nu * support)
+    rest = max(0.0, 1.0 - float(np.sum(weights)))
     bound = lower if nu > 0 else upper
-    return math.fsum(w * a * a for w, a in zip(weights, support, strict=True)) + rest * bound * bound
+    return float(np.sum(weights * support * support)) + rest * bound * bound
+
+
+def _binary_null_variance(both: float, regressed: float, improved: float, theta: float) -> float:
+    """``_null_variance`` of d = cand - theta * base for 0/1 scores, in closed form from the 2x2 table.
+
+    Arguments are the shares of items both models get right, regressed (baseline right, candidate
+    wrong) and improved; d is 1 - theta, -theta, 1 on them and 0 where both are wrong, the bounds
+    -theta and 1 among the cells. Multiplying out the three denominators of sum(w_k a_k) = 0 leaves a
+    quadratic in nu, whose root in the range where every weight stays positive is taken, or that
+    range's end when the table has no regression (improvement) to reweight. The cell on the side
+    opposite to the mean of d then gets whatever mass makes the mean 0, which is more accurate near
+    the pole than dividing by 1 + nu * a (and is the "rest" of ``_null_variance`` at the range's end).
+    """
+    a1, a2 = 1.0 - theta, -theta
+    m = both * a1 + regressed * a2 + improved
+    if m == 0:
+        return both * a1 * a1 + regressed * a2 * a2 + improved
+    # nu keeps 1 + nu * a >= 0 on all four cells: nu in [-1, 1 / theta], with the sign of m. At the
+    # end of that range the cell on the other side of the mean (the pole) gets weight 1 / 0.
+    end = 1.0 / theta if m > 0 else -1.0
+    low, high = sorted((0.0, end))
+    if (regressed if m > 0 else improved) == 0:
+        # The pole cell is unobserved: it drops out and what is left is linear in nu. If even nu at
+        # the end leaves the reweighted mean on the side of m, the pole cell takes the rest there.
+        if m > 0:
+            at_end = both * a1 * theta + improved * theta / (1 + theta)
+            root = -m / (a1 * (both + improved)) if at_end < 0 else end
+        else:
+            at_end = both * a1 / theta + regressed * a2 / (1 + theta)
+            root = -m / (a1 * a2 * (both + regressed)) if at_end > 0 else end
+        nu = min(max(root, low), high)
+    else:
+        # Exactly one root of the quadratic lies in (low, high), where the pole makes the mean run
+        # to -m * infinity; rounding may put it a hair outside.
+        quad = a1 * a2 * (both + regressed + improved)
+        lin = both * a1 * (a2 + 1) + regressed * a2 * (a1 + 1) + improved * (a1 + a2)
+        if quad == 0:
+            roots = [-m / lin]
+        else:
+            half = -0.5 * (lin + math.copysign(math.sqrt(max(0.0, lin * lin - 4 * quad * m)), lin))
+            roots = [half / quad, m / half] if half != 0 else [-lin / (2 * quad)]
+        nu = min(max(min(roots, key=lambda r: max(low - r, r - high, 0.0)), low), high)
+    if m > 0:
+        w_both, w_improved = both / (1 + nu * a1), improved / (1 + nu)
+        w_regressed = (w_both * a1 + w_improved) / theta  # mean 0
+    else:
+        w_both, w_regressed = both / (1 + nu * a1), regressed / (1 + nu * a2)
+        w_improved = -(w_both * a1 + w_regressed * a2)  # mean 0
+    return w_both * a1 * a1 + w_regressed * a2 * a2 + w_improved
+
+
+class _RetentionTests:
+    """The paired test of H0: retention = theta, ready for any theta from statistics computed once.
+
+    ``noninferiority_test``, ``retention_interval`` and ``retention_decision`` all evaluate this,
+    so a decision and an interval bound can never disagree about what the test says.
+    """
+
+    def __init__(self, b: list[float], c: list[float], clusters: Sequence[Hashable] | None, method: str) -> None:
+        import numpy as np
+        from scipy.special import ndtr, stdtr
+
+        self.method, self.n = method, len(b)
+        self.df: int | None = None  # the Wald test's degrees of freedom (G - 1)
+        self.flat = False  # the Wald test's SE is 0 at every theta
+        self.turning_point: float | None = None
+        self.turning_is_minimum = False
+        self._ndtr, self._stdtr = ndtr, stdtr
+        self._table: tuple[float, float, float] | None = None
+        if method == "score":
+            if _is_binary(b) and _is_binary(c):
+                both = sum(1 for x, y in zip(b, c, strict=True) if x and y)
+                regressed = sum(1 for x, y in zip(b, c, strict=True) if x and not y)
+                improved = sum(1 for x, y in zip(b, c, strict=True) if y and not x)
+                self._table = (both / self.n, regressed / self.n, improved / self.n)
+            else:
+                self._base, self._cand = np.array(b), np.array(c)
+            return
+        units = (
+            _group(list(zip(b, c, strict=True)), clusters)
+            if clusters is not None
+            else [[pair] for pair in sorted(zip(b, c, strict=True))]
+        )
+        self._unit_base = [math.fsum(x for x, _ in u) for u in units]
+        self._unit_cand = [math.fsum(y for _, y in u) for u in units]
+        self._unit_size = [len(u) for u in units]
+        self.df = len(units) - 1
+        # t(theta) = mean(d) / SE(d) has at most one turning point (Fieller): mean(d) is linear in
+        # theta and SE(d)^2 = (Suu - 2 theta Suv + theta^2 Svv) * G / (G - 1) / n^2, with u and v
+        # the clusters' residual sums of candidate and baseline scores. Its derivative has the sign
+        # of (C Suv - B Suu) + theta (B Suv - C Svv) for total scores B, C.
+        total_base, total_cand = math.fsum(self._unit_base), math.fsum(self._unit_cand)
+        u = [y - k * total_cand / self.n for y, k in zip(self._unit_cand, self._unit_size, strict=True)]
+        v = [x - k * total_base / self.n for x, k in zip(self._unit_base, self._unit_size, strict=True)]
+        suu, suv, svv = (math.fsum(p * q for p, q in zip(s, t, strict=True)) for s, t in ((u, u), (u, v), (v, v)))
+        slope = total_base * suv - total_cand * svv
+        self.turning_point = None if slope == 0 else (total_base * suu - total_cand * suv) / slope
+        self.turning_is_minimum = slope > 0
+        self.flat = suu == suv == svv == 0  # every cluster has the overall means
+
+    def evaluate(self, theta: float) -> tuple[float | None, float, float, float]:
+        """(statistic, p-value of H0: retention <= theta, p-value of H0: retention >= theta, mean of d)."""
+        if self.method == "score":
+            if self._table is not None:
+                both, regressed, improved = self._table
+                m = both * (1.0 - theta) - regressed * theta + improved
+                variance = _binary_null_variance(both, regressed, improved, theta)
+            else:
+                d = [min(1.0, max(-theta, y)) for y in (self._cand - theta * self._base).tolist()]
+                m = math.fsum(d) / self.n
+                variance = _null_variance(d, -theta, 1.0)
+            if variance <= 0:  # every d_i is 0
+                return None, 1.0, 1.0, float(m)
+            statistic = m / math.sqrt(variance / self.n)
+            return float(statistic), float(self._ndtr(-statistic)), float(self._ndtr(statistic)), float(m)
+        sums = [y - theta * x for x, y in zip(self._unit_base, self._unit_cand, strict=True)]
+        m = math.fsum(sums) / self.n
+        units = len(sums)
+        if units < 2:
+            return None, 1.0, 1.0, float(m)
+        sum_sq = math.fsum((s - k * m) ** 2 for s, k in zip(sums, self._unit_size, strict=True))
+        se = math.sqrt(sum_sq * units / (units - 1)) / self.n
+        if se == 0:
+            return None, 0.0 if m > 0 else 1.0, 0.0 if m < 0 else 1.0, float(m)
+        statistic = m / se
+        df = units - 1
+        return float(statistic), float(self._stdtr(df, -statistic)), float(self._stdtr(df, statistic)), float(m)
 
 
 def noninferiority_test(
@@ -407,7 +551,8 @@ def noninferiority_test(
 
     - method "score" (the default without clusters): SE = sqrt(V0 / n) with V0 the variance of d
       under H0 (``_null_variance``), referred to the standard normal; for 0/1 scores this is the
-      score test for a ratio of paired proportions (Tang, Tang & Chan 2003). Estimating the
+      score test for a ratio of paired proportions (Tang, Tang & Chan 2003), computed in closed
+      form from the 2x2 table. Estimating the
       variance under H0 matters when the models mostly agree: a sample that happens to hold few
       regressions has both a high mean of d and a small sample variance, which makes the Wald test
       reject H0 far too often (benchmarks/stats/simulate.py: 7.6-9.6% instead of 5% at 100 items
@@ -415,6 +560,9 @@ def noninferiority_test(
     - method "wald" (the default, and the only choice, with clusters): SE = the sample SE of d
       (``_clustered_se``: ordinary, or Miller's clustered SE), referred to a t distribution with
       n - 1 degrees of freedom (G - 1 for G clusters).
+
+    ``retention_interval`` is this test inverted, and ``retention_decision`` decides a gate policy
+    from it, so p <= (1 - confidence) / 2 exactly when the interval's lower bound is >= threshold.
 
     Assumptions: items (or clusters) are independent draws from the population the gate is about,
     and there are enough of them for the mean of d to be near normal; with 0/1 scores what counts
@@ -424,9 +572,6 @@ def noninferiority_test(
     mean(d) > 0, else 1, which overstates certainty for tiny samples), or fewer than two units for
     Wald or every d_i = 0 for the score test (p = 1).
     """
-    from scipy.stats import norm
-    from scipy.stats import t as student_t
-
     b, c = _paired(base, cand)
     if not threshold > 0:
         raise ValueError(f"threshold must be positive, got {threshold!r}")
@@ -436,25 +581,208 @@ def noninferiority_test(
         raise ValueError(f"unknown method {method!r}; choose 'score' or 'wald'")
     if method == "score" and clusters is not None:
         raise ValueError("the score test has no clustered form; use method='wald' with clusters")
-    # Clipping only removes rounding residue: d lies in [-threshold, 1] exactly.
-    d = [min(1.0, max(-threshold, y - threshold * x)) for x, y in zip(b, c, strict=True)]
-    if not d:
+    if not b:
         raise ValueError("noninferiority_test needs at least one item")
-    if method == "score":
-        m = math.fsum(d) / len(d)
-        variance = _null_variance(d, -threshold, 1.0)
-        if variance <= 0:
-            return NonInferiority(None, 1.0, float(m), "score")
-        statistic = m / math.sqrt(variance / len(d))
-        return NonInferiority(float(statistic), float(norm.sf(statistic)), float(m), "score")
-    m, se, units = _clustered_se(d, clusters)
-    df = units - 1
-    if units < 2:
-        return NonInferiority(None, 1.0, float(m), "wald", df)
-    if se == 0:
-        return NonInferiority(None, 0.0 if m > 0 else 1.0, float(m), "wald", df)
-    statistic = m / se
-    return NonInferiority(float(statistic), float(student_t.sf(statistic, df)), float(m), "wald", df)
+    tests = _RetentionTests(b, c, clusters, method)
+    statistic, p_value, _, m = tests.evaluate(threshold)
+    return NonInferiority(statistic, p_value, m, method, tests.df)
+
+
+# Retentions searched for an interval's ends: a bound beyond these is reported as 0 (below) or None (above).
+_RETENTION_RANGE = (1e-9, 1e9)
+
+
+def _float_bits(x: float) -> int:
+    return int(struct.unpack("<q", struct.pack("<d", x))[0])
+
+
+def _bits_float(i: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", i))[0])
+
+
+def _last_true(holds: Callable[[float], bool], low: float, high: float) -> float:
+    """The largest float x in [low, high] with holds(x), given holds(low), not holds(high), holds monotone.
+
+    Bisects the bit patterns, which order positive floats like their values, so the answer is
+    exact to the last bit: holds(x) and not holds(the next float up).
+    """
+    a, b = _float_bits(low), _float_bits(high)
+    while b - a > 1:
+        mid = (a + b) // 2
+        if holds(_bits_float(mid)):
+            a = mid
+        else:
+            b = mid
+    return _bits_float(a)
+
+
+def noninferiority_rejects(p_value: float, confidence: float = 0.95) -> bool:
+    """Whether a one-sided p-value rejects at one side's share of a two-sided interval: p <= (1 - confidence) / 2."""
+    _check_level("confidence", confidence)
+    return p_value <= (1 - confidence) / 2
+
+
+def retention_interval(
+    base: Sequence[float],
+    cand: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    clusters: Sequence[Hashable] | None = None,
+) -> RetentionCI:
+    """Confidence interval for retention = mean(cand) / mean(base): ``noninferiority_test`` inverted.
+
+    ``lo`` is the largest retention theta the one-sided test of H0: retention <= theta still
+    rejects at (1 - confidence) / 2 (its statistic at +z), ``hi`` the largest theta the mirror test
+    of H0: retention >= theta does not reject (statistic at -z); both are exact to the last bit, so
+    ``lo >= threshold`` exactly when ``noninferiority_test(base, cand, threshold, clusters)`` has
+    p <= (1 - confidence) / 2 (``noninferiority_rejects``), which is what ``retention_decision``
+    decides a strict gate on.
+
+    - No clusters: the score test (method "score"), whose variance is estimated under H0. For 0/1
+      scores this is the Tang, Tang & Chan (2003) interval for a ratio of paired proportions,
+      computed from the 2x2 table in closed form (about 0.5 ms); it keeps its coverage when the
+      models agree on most items, where the paired bootstrap covers too rarely. Continuous scores
+      (e.g. TruthfulQA MC2) use the same test on their own values (tens of ms for 1,000 items).
+    - Clusters: the clustered Wald test on d with t(G - 1) (method "wald"), whose inversion is
+      Fieller's interval. It is unbounded above when the baseline's mean is not clearly above 0
+      across clusters; with few clusters the test can also fail to be monotone in theta, and the
+      interval is then the hull of the retentions neither side rejects (see ``note``); the gate
+      decides from the test at its threshold regardless.
+
+    Bounds are never inf or NaN: a bound the data cannot fix is None and ``note`` says why. ``lo``
+    is 0.0 when not even a retention of 1e-9 is excluded. ``point`` (and the bounds) are None when
+    the baseline scores 0, or so little that the ratio overflows. The result does not depend on item
+    order or cluster labels.
+    """
+    b, c = _paired(base, cand)
+    _check_level("confidence", confidence)
+    if not b:
+        raise ValueError("retention_interval needs at least one item")
+    method = "score" if clusters is None else "wald"
+    base_sum = math.fsum(b)
+    if base_sum <= 0:
+        note = "no retention: the baseline scores 0 on every item, so there is nothing to retain"
+        return RetentionCI(None, None, None, method=method, note=note)
+    point = float(math.fsum(c) / base_sum)
+    if not math.isfinite(point):
+        note = f"no retention: the baseline's total score ({base_sum:.3g}) is too small to divide by"
+        return RetentionCI(None, None, None, method=method, note=note)
+    tests = _RetentionTests(b, c, clusters, method)
+    if tests.df == 0:
+        note = "no interval: all items are in one cluster, which leaves no way to estimate the variance"
+        return RetentionCI(point, None, None, method=method, note=note)
+
+    def rejects_below(theta: float) -> bool:  # a strict gate at this threshold passes
+        return noninferiority_rejects(tests.evaluate(theta)[1], confidence)
+
+    def keeps_above(theta: float) -> bool:  # a lenient gate at this threshold passes
+        return not noninferiority_rejects(tests.evaluate(theta)[2], confidence)
+
+    low, high = _RETENTION_RANGE
+    notes = []
+    if tests.flat:
+        notes.append(
+            "no width: every cluster has the same baseline score and the same candidate score, so the "
+            "clustered test sees no variation at all and overstates certainty"
+        )
+    # The piece of theta on which the test statistic falls through the point estimate: all of it for
+    # the score test (it is monotone); for the clustered Wald test, up to Fieller's turning point
+    # when that is a minimum (always above the point) or from it when a maximum (always below). A
+    # turning point that rounding put on the wrong side sits within rounding of the point: ignored.
+    start, stop = low, high
+    turn = None if method == "score" else tests.turning_point
+    if turn is not None and low < turn < high:
+        if tests.turning_is_minimum and turn > point:
+            stop = turn
+        elif not tests.turning_is_minimum and turn < point:
+            start = turn
+    if not rejects_below(start):
+        lo = 0.0  # no threshold is passed by a strict gate (from the turning point up, nor below it)
+    elif rejects_below(stop):
+        lo = stop  # even the top of the range is excluded: a baseline scoring next to nothing
+    else:
+        lo = _last_true(rejects_below, start, stop)
+        if start > low and not rejects_below(low):
+            notes.append(
+                f"the clustered test also fails to exclude retentions near 0 (it is not monotone below "
+                f"{start:.3g}: too few clusters, or a candidate near 0 in many of them), so lo is 0"
+            )
+            lo = 0.0
+    hi: float | None
+    if keeps_above(stop):
+        hi = None
+        notes.append(
+            "unbounded above: the baseline's mean is not clearly above 0 across the clusters, so no "
+            "retention is too high"
+            if method == "wald"
+            else "unbounded above: too few baseline-correct items (too low a baseline score) to bound the "
+            f"retention from above (retentions up to {high:.0e} are not excluded)"
+        )
+    elif not keeps_above(start):
+        hi = start  # even the bottom of the range is excluded: a candidate scoring next to nothing
+    else:
+        hi = _last_true(keeps_above, start, stop)
+        if stop < high and keeps_above(high):
+            notes.append(
+                f"unbounded above: the clustered test also fails to exclude retentions above {stop:.3g} "
+                "(the baseline's mean is not clearly above 0 across the clusters)"
+            )
+            hi = None
+    return RetentionCI(point, lo, hi, method=method, note="; ".join(notes) or None)
+
+
+def policy_verdict(policy: Policy, *, point_passes: bool, strict_passes: bool, lenient_passes: bool) -> Decision:
+    """A gate policy's verdict from the three answers it chooses among (``resolved``: strict and lenient agree)."""
+    if policy == "point":
+        passed = point_passes
+    elif policy == "strict":
+        passed = strict_passes
+    elif policy == "lenient":
+        passed = lenient_passes
+    else:
+        raise ValueError(f"unknown gate policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return Decision(passed=bool(passed), resolved=bool(strict_passes or not lenient_passes))
+
+
+def retention_decision(
+    base: Sequence[float],
+    cand: Sequence[float],
+    threshold: float,
+    policy: Policy = "strict",
+    *,
+    confidence: float = 0.95,
+    clusters: Sequence[Hashable] | None = None,
+) -> Decision:
+    """Pass/fail of ``retention >= threshold`` under a gate policy, decided by the tests ``retention_interval`` inverts.
+
+    strict: passes exactly when ``noninferiority_test(base, cand, threshold, clusters)`` rejects
+    H0: retention <= threshold at (1 - confidence) / 2, i.e. when the interval's lower bound is >=
+    threshold: its false-pass rate at a true retention equal to the threshold is at most
+    (1 - confidence) / 2 (up to the test's normal approximation). lenient: fails exactly when the
+    mirror test rejects H0: retention >= threshold at (1 - confidence) / 2, i.e. when the upper
+    bound is below the threshold. point: the estimate. The decision is taken from the test at the
+    threshold itself, so it stands even where the interval's bounds are None. A baseline scoring 0
+    has no retention: nothing passes and nothing is resolved.
+    """
+    b, c = _paired(base, cand)
+    if not threshold > 0:
+        raise ValueError(f"threshold must be positive, got {threshold!r}")
+    _check_level("confidence", confidence)
+    if not b:
+        raise ValueError("retention_decision needs at least one item")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown gate policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    base_sum = math.fsum(b)
+    if base_sum <= 0:
+        return Decision(passed=False, resolved=False)
+    tests = _RetentionTests(b, c, clusters, "score" if clusters is None else "wald")
+    _, p_below, p_above, _ = tests.evaluate(threshold)
+    return policy_verdict(
+        policy,
+        point_passes=math.fsum(c) / base_sum >= threshold,
+        strict_passes=noninferiority_rejects(p_below, confidence),
+        lenient_passes=not noninferiority_rejects(p_above, confidence),
+    )
 
 
 def holm_adjusted(p_values: Mapping[str, float]) -> dict[str, float]:
@@ -479,25 +807,19 @@ def holm(p_values: Mapping[str, float], alpha: float = 0.05) -> dict[str, bool]:
 
 
 def policy_decision(point: float, lo: float, hi: float, threshold: float, policy: Policy) -> Decision:
-    """Pass/fail of ``retention >= threshold`` under a gate policy.
+    """Pass/fail of ``retention >= threshold`` under a gate policy, read off an interval.
 
     point: the estimate decides. strict: pass only when the whole interval is at or above the
     threshold (lo >= threshold). lenient: fail only when the whole interval is below it
     (hi < threshold). ``resolved`` (any policy) says the interval does not straddle the threshold,
-    i.e. strict and lenient agree.
+    i.e. strict and lenient agree. For ``retention_interval``'s interval this is the same decision
+    as ``retention_decision``, which the gate uses because it also decides where a bound is None.
     """
     if not lo <= point <= hi:
         raise ValueError(f"need lo <= point <= hi, got lo={lo}, point={point}, hi={hi}")
-    resolved = lo >= threshold or hi < threshold
-    if policy == "point":
-        passed = point >= threshold
-    elif policy == "strict":
-        passed = lo >= threshold
-    elif policy == "lenient":
-        passed = hi >= threshold
-    else:
-        raise ValueError(f"unknown gate policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    return Decision(passed=bool(passed), resolved=bool(resolved))
+    return policy_verdict(
+        policy, point_passes=point >= threshold, strict_passes=lo >= threshold, lenient_passes=hi >= threshold
+    )
 
 
 def _z_pair(alpha: float, power: float) -> tuple[float, float]:

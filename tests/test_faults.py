@@ -340,11 +340,17 @@ def test_model_that_cannot_load(project, fault):
 
 
 def test_small_run_report_is_valid_json(pytester, monkeypatch, fault):
-    small = make_project(pytester, monkeypatch, items=3)
+    # A baseline right on few of 4 items: its retention interval is unbounded above (the bootstrap of
+    # earlier versions made that Infinity, which is not JSON, and lost the report).
+    small = make_project(pytester, monkeypatch, items=4, base_skill=0.3, good_skill=1.0)
     result = small.run("--stage=mild", "--llmgate-report=report.json")
     fault(result, 0, "*llmgate: stage 'mild' PASS (exit 0)*")
     report = _strict_json(small.path / "report.json")
-    assert report["tasks"]["arc_challenge"]["n"] == 3 and report["complete"] is True
+    task = report["tasks"]["arc_challenge"]
+    assert task["n"] == 4 and report["complete"] is True
+    lo, hi = task["retention_ci"]
+    assert lo is not None and lo <= task["retention"] and (hi is None or hi >= task["retention"])
+    assert (hi is None) == ("unbounded" in (task["retention_ci_note"] or ""))
 
 
 def test_report_that_cannot_be_written_at_the_end(project, fault):

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_llmgate.stats import (
+    POLICIES,
     Decision,
     McNemar,
     RetentionCI,
@@ -27,9 +28,13 @@ from pytest_llmgate.stats import (
     mean_confidence_sequence,
     mean_interval,
     minimum_detectable_drop,
+    noninferiority_rejects,
     noninferiority_test,
     paired_bootstrap_retention,
     policy_decision,
+    policy_verdict,
+    retention_decision,
+    retention_interval,
     sequential_decision,
     wilson_interval,
 )
@@ -474,3 +479,304 @@ def test_confidence_sequence_covers_a_known_mean():
         misses += not lo <= 0.3 <= hi
         assert hi - lo < 0.25
     assert misses <= 3  # each side errs with probability <= 0.05 at any time; in practice far less
+
+
+# ---- the score interval and the gate decision (retention_interval, retention_decision) ---------
+
+LEVELS = st.sampled_from([0.8, 0.9, 0.95, 0.99])
+tables = st.tuples(st.integers(0, 60), st.integers(0, 12), st.integers(0, 12), st.integers(0, 60)).filter(
+    lambda t: t[0] + t[1] > 0
+)  # the baseline gets something right: retention is defined
+
+
+def finite_or_none(ci: RetentionCI) -> bool:
+    return all(v is None or (type(v) is float and math.isfinite(v)) for v in (ci.point, ci.lo, ci.hi))
+
+
+def check_duality(base, cand, threshold, confidence, clusters=None):
+    """lo >= threshold iff the one-sided test rejects at (1 - confidence) / 2 iff strict passes; the mirror for hi."""
+    ci = retention_interval(base, cand, confidence=confidence, clusters=clusters)
+    p = noninferiority_test(base, cand, threshold, clusters).p_value
+    half = (1 - confidence) / 2
+    strict = retention_decision(base, cand, threshold, "strict", confidence=confidence, clusters=clusters)
+    lenient = retention_decision(base, cand, threshold, "lenient", confidence=confidence, clusters=clusters)
+    assert strict.passed == (p <= half) == noninferiority_rejects(p, confidence)
+    assert strict.resolved == lenient.resolved == (strict.passed or not lenient.passed)
+    assert not (strict.passed and not lenient.passed)
+    if ci.note is None:  # a single range: both bounds are the tests' turning points
+        assert (ci.lo >= threshold) == strict.passed
+        assert (ci.hi >= threshold) == lenient.passed
+    return ci
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables, st.floats(0.05, 2.0), LEVELS)
+def test_interval_bounds_are_exactly_where_the_test_turns(table, threshold, confidence):
+    base, cand = from_cells(*table)
+    ci = check_duality(base, cand, threshold, confidence)
+    assert ci.method == "score" and ci.note is None and finite_or_none(ci)
+    assert 0.0 <= ci.lo <= ci.point <= ci.hi
+
+
+@settings(max_examples=100, deadline=None)
+@given(tables, LEVELS)
+def test_interval_bounds_themselves_are_decided_consistently(table, confidence):
+    """At a threshold equal to a bound, strict passes at lo and lenient at hi; one float further they do not."""
+    base, cand = from_cells(*table)
+    ci = retention_interval(base, cand, confidence=confidence)
+    if ci.lo > 0:
+        assert retention_decision(base, cand, ci.lo, confidence=confidence).passed
+        assert not retention_decision(base, cand, math.nextafter(ci.lo, math.inf), confidence=confidence).passed
+    assert retention_decision(base, cand, ci.hi, "lenient", confidence=confidence).passed
+    assert not retention_decision(base, cand, math.nextafter(ci.hi, math.inf), "lenient", confidence=confidence).passed
+
+
+@pytest.mark.parametrize("table", [(60, 10, 3, 27), (45, 7, 0, 48), (5, 3, 2, 1), (600, 42, 8, 350), (97, 0, 0, 3)])
+def test_score_interval_ends_solve_the_restricted_mle_statistic(table):
+    """Against a direct constrained maximum-likelihood fit (Tang, Tang & Chan 2003): z(lo) = +1.96, z(hi) = -1.96."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    counts = np.array(table, dtype=float)
+    n = counts.sum()
+
+    def z(theta):
+        d_cells = np.array([1 - theta, -theta, 1.0, 0.0])
+        fit = minimize(
+            lambda p: -float(np.sum(counts[counts > 0] * np.log(p[counts > 0]))),
+            x0=np.full(4, 0.25),
+            method="SLSQP",
+            bounds=[(1e-12, 1.0)] * 4,
+            constraints=[{"type": "eq", "fun": lambda p: p.sum() - 1}, {"type": "eq", "fun": lambda p: p @ d_cells}],
+            options={"ftol": 1e-14, "maxiter": 500},
+        )
+        return float(counts @ d_cells / n / math.sqrt(fit.x @ d_cells**2 / n))
+
+    ci = retention_interval(*from_cells(*table))
+    assert z(ci.lo) == pytest.approx(Z975, rel=1e-3)
+    assert z(ci.hi) == pytest.approx(-Z975, rel=1e-3)
+
+
+def test_score_interval_known_values():
+    # Perfect agreement on 30 of 50 items: d = 1 - theta on 30 items (share 0.6), 0 on the other 20. Below 1 the
+    # null fit moves mass 0.6 (1 - theta) to the unobserved regression cell (d = -theta) and keeps 0.6 theta on
+    # the both-right cell, so V0 = 0.6 theta (1 - theta) and z = sqrt(30 (1 - theta) / theta): lo = 1 / (1 + z^2 / 30).
+    # Above 1 the mass goes to the improvement cell (d = 1): V0 = 0.6 (theta - 1), z = -sqrt(30 (theta - 1)).
+    ci = retention_interval(*from_cells(30, 0, 0, 20))
+    assert ci.point == 1.0 and ci.lo == pytest.approx(1 / (1 + Z975**2 / 30), rel=1e-12)
+    assert ci.hi == pytest.approx(1 + Z975**2 / 30, rel=1e-12)
+    # The bootstrap's interval is the single point 1 here (every resample agrees perfectly).
+    assert paired_bootstrap_retention(*from_cells(30, 0, 0, 20)).lo == 1.0
+
+
+@FAST
+@given(tables, LEVELS)
+def test_swapping_models_inverts_the_score_interval_exactly(table, confidence):
+    both, regressed, improved, neither = table
+    if both + improved == 0:
+        return  # the swapped baseline scores 0
+    forward = retention_interval(*from_cells(*table), confidence=confidence)
+    backward = retention_interval(*from_cells(both, improved, regressed, neither), confidence=confidence)
+    assert forward.point * backward.point == pytest.approx(1.0)
+    assert forward.lo * backward.hi == pytest.approx(1.0, rel=1e-9)
+    if forward.lo > 0:
+        assert forward.hi * backward.lo == pytest.approx(1.0, rel=1e-9)
+
+
+@FAST
+@given(binary_pairs, st.randoms(use_true_random=False))
+def test_interval_and_decision_ignore_item_order(pairs, rng):
+    shuffled = pairs[:]
+    rng.shuffle(shuffled)
+    assert retention_interval(*split(pairs)) == retention_interval(*split(shuffled))
+    assert retention_decision(*split(pairs), 0.9) == retention_decision(*split(shuffled), 0.9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(continuous_pairs, st.floats(0.3, 1.5), LEVELS, st.randoms(use_true_random=False))
+def test_continuous_scores_interval_agrees_with_the_test(pairs, threshold, confidence, rng):
+    base, cand = split(pairs)
+    if math.fsum(base) <= 0:
+        return
+    ci = check_duality(base, cand, threshold, confidence)
+    assert ci.method == "score" and finite_or_none(ci)
+    assert ci.lo <= ci.point and (ci.hi is None or ci.point <= ci.hi)
+    shuffled = pairs[:]
+    rng.shuffle(shuffled)
+    assert retention_interval(*split(shuffled), confidence=confidence) == ci
+
+
+def test_continuous_scores_are_fast_enough_for_a_task():
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    base = rng.random(1000)
+    cand = np.clip(base + rng.normal(-0.02, 0.1, 1000), 0.0, 1.0)
+    start = time.perf_counter()
+    ci = retention_interval(base.tolist(), cand.tolist())
+    assert time.perf_counter() - start < 1.0  # about 0.03 s; the bound leaves room for a busy machine
+    assert ci.lo < ci.point < ci.hi and ci.hi - ci.lo < 0.05
+
+
+def test_binary_interval_is_fast_at_mmlu_size():
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    base = (rng.random(15000) < 0.6).astype(float)
+    cand = np.where(rng.random(15000) < 0.9, base, (rng.random(15000) < 0.5).astype(float))
+    start = time.perf_counter()
+    retention_interval(base.tolist(), cand.tolist())
+    retention_interval(base.tolist(), cand.tolist(), clusters=[i % 57 for i in range(15000)])
+    assert time.perf_counter() - start < 1.0  # about 0.02 s for both
+
+
+@settings(max_examples=150, deadline=None)
+@given(clustered_rows, st.floats(0.3, 1.5), LEVELS, st.randoms(use_true_random=False))
+def test_clustered_interval_agrees_with_the_clustered_test(rows, threshold, confidence, rng):
+    base, cand, clusters = [b for b, _, _ in rows], [c for _, c, _ in rows], [k for _, _, k in rows]
+    if math.fsum(base) <= 0:
+        return
+    ci = retention_interval(base, cand, confidence=confidence, clusters=clusters)
+    assert ci.method == "wald" and finite_or_none(ci)
+    if len(set(clusters)) < 2:
+        assert (ci.lo, ci.hi) == (None, None) and "one cluster" in ci.note
+        return
+    check_duality(base, cand, threshold, confidence, clusters)
+    assert ci.lo <= ci.point and (ci.hi is None or ci.point <= ci.hi)
+    assert (ci.hi is None) == ("unbounded above" in (ci.note or ""))
+    names = [f"subject-{i}" for i in range(7)]
+    rng.shuffle(names)
+    shuffled = rows[:]
+    rng.shuffle(shuffled)
+    renamed = retention_interval(
+        [b for b, _, _ in shuffled],
+        [c for _, c, _ in shuffled],
+        confidence=confidence,
+        clusters=[names[k] for _, _, k in shuffled],
+    )
+    assert renamed == ci
+
+
+def test_clustered_interval_is_fieller_and_widens_with_correlated_clusters():
+    # 20 subjects of 10 items; the baseline gets 7 right in each; the candidate loses one item in half of them.
+    base = [1.0] * 7 + [0.0] * 3
+    rows = [
+        (b, c, s)
+        for s in range(20)
+        for b, c in zip(base, [1.0] * (6 if s % 2 else 7) + [0.0] * (4 if s % 2 else 3), strict=True)
+    ]
+    b, c, k = ([r[i] for r in rows] for i in range(3))
+    clustered = retention_interval(b, c, clusters=k)
+    assert clustered.point == pytest.approx(130 / 140) and clustered.note is None
+    # Fieller by hand: cluster residual sums u (candidate) = +-0.5, v (baseline) = 0, so
+    # t(theta) = (6.5 - 7 theta) / 10 / (sqrt(20 * 0.25 * 20 / 19) / 200) with 19 df.
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.975, 19)) * math.sqrt(5 * 20 / 19) / 200 * 10
+    assert (clustered.lo, clustered.hi) == pytest.approx(((6.5 - half) / 7, (6.5 + half) / 7), rel=1e-12)
+    # The same number of regressions piled into two subjects reads as far less certain.
+    piled = [1.0] * 2 + [0.0] * 8 + [1.0] * 2 + [0.0] * 8 + ([1.0] * 7 + [0.0] * 3) * 18
+    concentrated = retention_interval(b, piled, clusters=k)
+    assert concentrated.point == clustered.point
+    assert concentrated.hi - concentrated.lo > 2 * (clustered.hi - clustered.lo)
+    # Clusters that do not vary at all leave no width (the clustered test's SE is 0), and say so.
+    flat = retention_interval(b, c, clusters=[i // 100 for i in range(200)])
+    assert flat.lo == pytest.approx(flat.point) == flat.hi and flat.note.startswith("no width")
+
+
+def test_unbounded_and_undefined_cases_say_why_and_never_give_inf_or_nan():
+    undefined = retention_interval([0.0, 0.0, 0.0], [1.0, 0.0, 1.0])
+    assert (undefined.point, undefined.lo, undefined.hi) == (None, None, None) and "baseline scores 0" in undefined.note
+    assert retention_decision([0.0, 0.0], [1.0, 1.0], 0.9) == Decision(False, False)
+    one_cluster = retention_interval([1.0, 1.0, 0.0], [1.0, 0.0, 0.0], clusters=["a", "a", "a"])
+    assert one_cluster.point == 0.5 and one_cluster.lo is None and "one cluster" in one_cluster.note
+    # Two clusters, the baseline right once in one of them: nothing bounds the retention from above.
+    base = [1.0] + [0.0] * 9 + [0.0] * 10
+    cand = [1.0] * 5 + [0.0] * 5 + [1.0] * 5 + [0.0] * 5
+    clusters = [0] * 10 + [1] * 10
+    wide = retention_interval(base, cand, clusters=clusters)
+    assert wide.hi is None and wide.note.startswith("unbounded above") and finite_or_none(wide)
+    assert retention_decision(base, cand, 50.0, "lenient", clusters=clusters).passed
+    # One baseline-correct item in a thousand: the score interval is wide but finite.
+    sparse = retention_interval(*from_cells(0, 1, 30, 969))
+    assert sparse.point == 30.0 and 1.0 < sparse.lo < 30.0 < sparse.hi < 1e3 and sparse.note is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(unit_floats, unit_floats, st.integers(0, 3)), min_size=1, max_size=30), LEVELS)
+def test_interval_never_holds_inf_or_nan(rows, confidence):
+    base, cand, clusters = [b for b, _, _ in rows], [c for _, c, _ in rows], [k for _, _, k in rows]
+    for ci in (
+        retention_interval(base, cand, confidence=confidence),
+        retention_interval(base, cand, confidence=confidence, clusters=clusters),
+    ):
+        assert finite_or_none(ci)
+        assert ci.point is not None or math.fsum(base) <= 0 or math.fsum(cand) / math.fsum(base) == math.inf
+        if ci.lo is None or ci.hi is None:
+            assert ci.note
+
+
+def test_gate_strict_and_lenient_follow_the_test():
+    """The gate decides through retention_evidence / _retention_passes exactly as retention_decision does."""
+    from pathlib import Path
+
+    from pytest_llmgate.config import parse_config
+    from pytest_llmgate.gate import evaluate_stage
+    from pytest_llmgate.stats import Tally
+    from pytest_llmgate.tasks import TASKS
+
+    def stage_stats(table):
+        tally = Tally()
+        for i, (b, c) in enumerate(zip(*from_cells(*table), strict=True)):
+            tally.add(
+                {
+                    "task": "hellaswag",
+                    "doc_id": i,
+                    "id": f"validation-{i}",
+                    "metric": "acc_norm",
+                    "chance": 0.25,
+                    "sides": {"baseline": {"scores": {"acc_norm": b}}, "s": {"scores": {"acc_norm": c}}},
+                }
+            )
+        return tally.task_stats()
+
+    for table in [(300, 4, 0, 100), (300, 10, 2, 88), (300, 30, 2, 68), (300, 0, 0, 100)]:
+        stats = stage_stats(table)
+        for policy in POLICIES:
+            cfg = parse_config(
+                {
+                    "models": {"ref": {}, "a": {}},
+                    "baseline": "ref",
+                    "policy": policy,
+                    "stages": [{"name": "s", "model": "a", "min_retention": 0.95}],
+                },
+                source=None,
+                known_tasks=TASKS,
+                rootpath=Path("/tmp"),
+            )
+            verdict = evaluate_stage(cfg, cfg.stages[0], stats).tasks["hellaswag"]
+            expected = retention_decision(*from_cells(*table), 0.95, policy)
+            ci = retention_interval(*from_cells(*table))
+            assert verdict.passed == expected.passed and verdict.evidence.resolved == expected.resolved
+            assert (verdict.evidence.lo, verdict.evidence.hi) == (ci.lo, ci.hi)
+            if policy == "strict":
+                assert verdict.passed == (ci.lo >= 0.95)
+            elif policy == "lenient":
+                assert verdict.passed == (ci.hi >= 0.95)
+
+
+def test_policy_verdict_is_the_one_mapping():
+    assert policy_verdict("strict", point_passes=True, strict_passes=False, lenient_passes=True) == Decision(
+        False, False
+    )
+    assert policy_verdict("lenient", point_passes=False, strict_passes=False, lenient_passes=False) == Decision(
+        False, True
+    )
+    with pytest.raises(ValueError, match="strict"):
+        policy_verdict("optimistic", point_passes=True, strict_passes=True, lenient_passes=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="strict"):
+        retention_decision([1.0], [1.0], 0.9, "optimistic")  # type: ignore[arg-type]

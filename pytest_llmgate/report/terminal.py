@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..config import BASELINE_STAGE
-from ..gate import RunDecision, StageVerdict
+from ..gate import RunDecision, StageVerdict, interval_text
 from ..stats import TaskStats
 
 HEADER = (
@@ -52,7 +52,8 @@ def stage_table(stats: Mapping[str, TaskStats], verdict: StageVerdict | None) ->
             status += " (at chance)"
         elif evidence is not None and evidence.resolved is False:
             status += " (unresolved)"
-        ci = "-" if evidence is None or evidence.lo is None else f"[{evidence.lo:.3f}, {evidence.hi:.3f}]"
+        ci = "-" if evidence is None or (evidence.lo is None and evidence.hi is None) else interval_text(
+            evidence.lo, evidence.hi)
         p_value = "-" if evidence is None else f"{evidence.mcnemar_p:.3g}"
         rows.append(
             (
