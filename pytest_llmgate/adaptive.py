@@ -104,7 +104,7 @@ class AdaptiveController:
 
     def pytest_llmgate_outcome(self, outcome: ItemOutcome) -> None:
         """Stop the outcome's task once the confidence sequence on its items so far resolves the floor."""
-        from .stats import sequential_decision
+        from .gate import sequential_decision
 
         state = self.state
         assert state.adaptive is not None and state.stage is not None

@@ -25,6 +25,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("transformers", "vptq")
 TRANSFORM_METHODS = ("rtn", "vptq")
 POLICIES = ("point", "strict", "lenient")
+# Verdicts, declared once: a stage passes, breaches a threshold or fires a critical rule; a baseline run
+# records; a run that could not check everything is incomplete.
+PASS, BREACH, CRITICAL, BASELINE_RECORDED, INCOMPLETE = "pass", "breach", "critical", "baseline-recorded", "incomplete"
+VERDICTS = (PASS, BREACH, CRITICAL, BASELINE_RECORDED, INCOMPLETE)
 
 
 # A configuration mistake: pytest reports a UsageError and exits 4 (UsageError is final: no subclass).
@@ -425,7 +429,7 @@ class Recommendation:
     stages: tuple[str, ...] = ()
     max_bits: float | None = None
     below_mean_retention: float | None = None
-    on: str = "failure"  # "failure" | "breach" | "critical"
+    on: str = "failure"  # "failure" | BREACH | CRITICAL
 
 
 def _recommendation(raw: Any, index: int) -> Recommendation:
@@ -435,7 +439,7 @@ def _recommendation(raw: Any, index: int) -> Recommendation:
     if not isinstance(raw.get("message"), str):
         raise _fail(f"{where}.message", "every recommendation needs message = '...'")
     on = raw.get("on", "failure")
-    if on not in ("failure", "breach", "critical"):
+    if on not in ("failure", BREACH, CRITICAL):
         raise _fail(f"{where}.on", f"{on!r}: use 'failure', 'breach' or 'critical'")
     below = raw.get("below_mean_retention")
     return Recommendation(
@@ -626,12 +630,12 @@ DEFAULT_RECOMMENDATIONS = (
     Recommendation(
         message="a critical rule fired: this stage loses too much to ship; fall back to the "
         "previous rung of the ladder (run --stage=all to pick it)",
-        on="critical",
+        on=CRITICAL,
     ),
     Recommendation(
         message="a threshold was breached: compare the regressed items in the JSON report "
         "(--llmgate-report) to see which subjects lost most before retuning",
-        on="breach",
+        on=BREACH,
     ),
 )
 

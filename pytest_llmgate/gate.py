@@ -2,13 +2,140 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from . import EXIT_BREACH, EXIT_CRITICAL
-from .config import BASELINE_STAGE, GateConfig, StageSpec
-from .stats import TaskStats, mean
+from .config import (
+    ALL_STAGES,
+    BASELINE_RECORDED,
+    BASELINE_STAGE,
+    BREACH,
+    CRITICAL,
+    PASS,
+    POLICIES,
+    GateConfig,
+    StageSpec,
+)
+from .stats import TaskStats, mean, mean_confidence_sequence, noninferiority_rejects, retention_p_values
+
+# ---------------------------------------------------------------------------------------------
+# Decisions on the statistics: gate policies and the early-stopping rule.
+# ---------------------------------------------------------------------------------------------
+
+Policy = Literal["point", "strict", "lenient"]
+SequentialVerdict = Literal["pass", "fail", "continue"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A gate policy's verdict on one retention interval."""
+
+    passed: bool
+    resolved: bool  # the interval lies entirely on one side of the threshold
+
+
+def policy_verdict(policy: Policy, *, point_passes: bool, strict_passes: bool, lenient_passes: bool) -> Decision:
+    """A gate policy's verdict from the three answers it chooses among (``resolved``: strict and lenient agree)."""
+    if policy == "point":
+        passed = point_passes
+    elif policy == "strict":
+        passed = strict_passes
+    elif policy == "lenient":
+        passed = lenient_passes
+    else:
+        raise ValueError(f"unknown gate policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return Decision(passed=bool(passed), resolved=bool(strict_passes or not lenient_passes))
+
+
+def retention_decision(
+    base: Sequence[float],
+    cand: Sequence[float],
+    threshold: float,
+    policy: Policy = "strict",
+    *,
+    confidence: float = 0.95,
+    clusters: Sequence[Hashable] | None = None,
+) -> Decision:
+    """Pass/fail of ``retention >= threshold`` under a gate policy, decided by the tests ``retention_interval`` inverts.
+
+    strict: passes exactly when ``noninferiority_test(base, cand, threshold, clusters)`` rejects
+    H0: retention <= threshold at (1 - confidence) / 2, i.e. when the interval's lower bound is >=
+    threshold: its false-pass rate at a true retention equal to the threshold is at most
+    (1 - confidence) / 2 (up to the test's normal approximation). lenient: fails exactly when the
+    mirror test rejects H0: retention >= threshold at (1 - confidence) / 2, i.e. when the upper
+    bound is below the threshold. point: the estimate. The decision is taken from the test at the
+    threshold itself, so it stands even where the interval's bounds are None. A baseline scoring 0
+    has no retention: nothing passes and nothing is resolved.
+    """
+    b, c = [float(x) for x in base], [float(x) for x in cand]
+    if len(b) != len(c):
+        raise ValueError(f"baseline and candidate must score the same items, got {len(b)} and {len(c)}")
+    if not threshold > 0:
+        raise ValueError(f"threshold must be positive, got {threshold!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if not b:
+        raise ValueError("retention_decision needs at least one item")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown gate policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    base_sum = math.fsum(b)
+    if base_sum <= 0:
+        return Decision(passed=False, resolved=False)
+    p_below, p_above = retention_p_values(b, c, threshold, clusters)
+    return policy_verdict(
+        policy,
+        point_passes=math.fsum(c) / base_sum >= threshold,
+        strict_passes=noninferiority_rejects(p_below, confidence),
+        lenient_passes=not noninferiority_rejects(p_above, confidence),
+    )
+
+
+def policy_decision(point: float, lo: float, hi: float, threshold: float, policy: Policy) -> Decision:
+    """Pass/fail of ``retention >= threshold`` under a gate policy, read off an interval.
+
+    point: the estimate decides. strict: pass only when the whole interval is at or above the
+    threshold (lo >= threshold). lenient: fail only when the whole interval is below it
+    (hi < threshold). ``resolved`` (any policy) says the interval does not straddle the threshold,
+    i.e. strict and lenient agree. For ``retention_interval``'s interval this is the same decision
+    as ``retention_decision``, which the gate uses because it also decides where a bound is None.
+    """
+    if not lo <= point <= hi:
+        raise ValueError(f"need lo <= point <= hi, got lo={lo}, point={point}, hi={hi}")
+    return policy_verdict(
+        policy, point_passes=point >= threshold, strict_passes=lo >= threshold, lenient_passes=hi >= threshold
+    )
+
+
+def sequential_decision(
+    base: Sequence[float], cand: Sequence[float], threshold: float, *, alpha: float = 0.05
+) -> SequentialVerdict:
+    """Early-stopping verdict on ``retention >= threshold`` from the paired items seen so far.
+
+    Uses the anytime-valid confidence sequence of ``mean_confidence_sequence`` on
+    d_i = cand_i - threshold * base_i in [-threshold, 1], whose mean is >= 0 exactly when
+    retention >= threshold. "pass" when the lower bound is > 0, "fail" when the upper bound is < 0,
+    else "continue". May be called after every shard: P(ever "pass" | retention <= threshold) <=
+    alpha and P(ever "fail" | retention >= threshold) <= alpha, under the assumption stated there
+    (independent items in random order). If all items run out with "continue", a fixed-n test on
+    the same data spends error again: give the two rules alpha/2 each to keep the total at alpha.
+    """
+    import numpy as np
+
+    b, c = [float(x) for x in base], [float(x) for x in cand]
+    if len(b) != len(c):
+        raise ValueError(f"baseline and candidate must score the same items, got {len(b)} and {len(c)}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    d = np.clip(np.array(c) - threshold * np.array(b), -threshold, 1.0)  # clip: rounding only
+    lo, hi = mean_confidence_sequence(d.tolist(), lower=-threshold, upper=1.0, alpha=alpha)
+    if lo > 0:
+        return "pass"
+    if hi < 0:
+        return "fail"
+    return "continue"
 
 
 @dataclass(frozen=True)
@@ -63,7 +190,7 @@ def retention_evidence(config: GateConfig, st: TaskStats, role: str, threshold: 
     from ``retention_decision`` on the same test, so ``_retention_passes`` can decide every policy from
     ``noninferiority_p`` and ``resolved`` alone, also where a bound is None.
     """
-    from .stats import mcnemar_exact, noninferiority_test, retention_decision, retention_interval
+    from .stats import mcnemar_exact, noninferiority_test, retention_interval
 
     base, cand = st.items[BASELINE_STAGE], st.items[role]
     clusters = st.clusters if len(set(st.clusters)) > 1 else None
@@ -97,7 +224,6 @@ def _retention_passes(
     exactly when the mirror test rejects retention >= threshold, i.e. when the evidence is resolved
     and strict does not pass (``retention_evidence`` takes ``resolved`` from ``retention_decision``).
     """
-    from .stats import noninferiority_rejects, policy_verdict
 
     if evidence is None or evidence.noninferiority_p is None or evidence.resolved is None:
         return retention >= threshold
@@ -115,7 +241,7 @@ class StageVerdict:
     """The decision for one stage."""
 
     stage: str
-    verdict: str  # "pass" | "breach" | "critical"
+    verdict: str  # PASS | BREACH | CRITICAL
     tasks: Mapping[str, TaskVerdict]
     rules: Sequence[RuleResult]
     recommendations: Sequence[str] = field(default_factory=tuple)
@@ -123,7 +249,7 @@ class StageVerdict:
     @property
     def exit_code(self) -> int:
         """0 pass, 10 threshold breached, 11 critical rule fired."""
-        return {"pass": 0, "breach": EXIT_BREACH, "critical": EXIT_CRITICAL}[self.verdict]
+        return {PASS: 0, BREACH: EXIT_BREACH, CRITICAL: EXIT_CRITICAL}[self.verdict]
 
     @property
     def mean_retention(self) -> float | None:
@@ -149,8 +275,12 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, TaskStats],
-                   adaptive: Mapping[str, Mapping[str, Any]] | None = None) -> StageVerdict:
+def evaluate_stage(
+    config: GateConfig,
+    stage: StageSpec,
+    stats: Mapping[str, TaskStats],
+    adaptive: Mapping[str, Mapping[str, Any]] | None = None,
+) -> StageVerdict:
     """Check every threshold and critical rule of ``stage`` on the per-task statistics.
 
     ``adaptive`` holds the tasks an anytime-valid sequence resolved early (--llmgate-adaptive): their
@@ -168,33 +298,45 @@ def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, Tas
         retention = st.retention(stage.name)
         informative = is_informative(st, config.chance_margin) and retention is not None
         task_rules: list[RuleResult] = []
-        why_not = (f"uninformative: baseline {base:.3f} is not above chance ({st.chance:.3f}) by more than "
-                   f"{config.chance_margin:.2f}; retention there measures noise, not compression")
+        why_not = (
+            f"uninformative: baseline {base:.3f} is not above chance ({st.chance:.3f}) by more than "
+            f"{config.chance_margin:.2f}; retention there measures noise, not compression"
+        )
         evidence = None
         if st.items.get(BASELINE_STAGE) and st.items.get(stage.name):
             evidence = retention_evidence(config, st, stage.name, thresholds.min_retention)
         if thresholds.min_retention is not None:
             early = (adaptive or {}).get(task)
             if early is not None:
-                task_rules.append(RuleResult(
-                    f"{task}: retention >= {thresholds.min_retention:.2f}", early["decision"] == "pass",
-                    f"adaptive: anytime-valid {config.confidence:.0%} confidence sequence resolved "
-                    f"'{early['decision']}' after {early['items']} items (retention {_fmt(retention)} on them)",
-                    task=task))
+                task_rules.append(
+                    RuleResult(
+                        f"{task}: retention >= {thresholds.min_retention:.2f}",
+                        early["decision"] == "pass",
+                        f"adaptive: anytime-valid {config.confidence:.0%} confidence sequence resolved "
+                        f"'{early['decision']}' after {early['items']} items (retention {_fmt(retention)} on them)",
+                        task=task,
+                    )
+                )
             elif informative and retention is not None:
                 ok = _retention_passes(config, retention, evidence, thresholds.min_retention)
                 detail = f"retention {retention:.3f} = {score:.3f} / {base:.3f}"
                 if evidence is not None:
-                    detail += (f", {evidence.confidence:.0%} CI {interval_text(evidence.lo, evidence.hi)}, "
-                               f"policy {evidence.policy}, "
-                               + ("resolved" if evidence.resolved else "UNRESOLVED: more items needed"))
+                    detail += (
+                        f", {evidence.confidence:.0%} CI {interval_text(evidence.lo, evidence.hi)}, "
+                        f"policy {evidence.policy}, "
+                        + ("resolved" if evidence.resolved else "UNRESOLVED: more items needed")
+                    )
                     if evidence.note:
                         detail += f" ({evidence.note})"
-                task_rules.append(RuleResult(
-                    f"{task}: retention >= {thresholds.min_retention:.2f}", ok, detail, task=task))
+                task_rules.append(
+                    RuleResult(f"{task}: retention >= {thresholds.min_retention:.2f}", ok, detail, task=task)
+                )
             else:
-                task_rules.append(RuleResult(
-                    f"{task}: retention >= {thresholds.min_retention:.2f}", True, why_not, task=task, skipped=True))
+                task_rules.append(
+                    RuleResult(
+                        f"{task}: retention >= {thresholds.min_retention:.2f}", True, why_not, task=task, skipped=True
+                    )
+                )
         step = None
         if thresholds.min_step_retention is not None:
             step = st.retention(stage.name, previous)
@@ -204,30 +346,51 @@ def evaluate_stage(config: GateConfig, stage: StageSpec, stats: Mapping[str, Tas
             elif not informative:
                 task_rules.append(RuleResult(rule, True, why_not, task=task, skipped=True))
             else:
-                task_rules.append(RuleResult(
-                    rule, step is not None and step >= thresholds.min_step_retention,
-                    f"step retention {_fmt(step)} = {score:.3f} / {st.scores[previous]:.3f}", task=task))
+                task_rules.append(
+                    RuleResult(
+                        rule,
+                        step is not None and step >= thresholds.min_step_retention,
+                        f"step retention {_fmt(step)} = {score:.3f} / {st.scores[previous]:.3f}",
+                        task=task,
+                    )
+                )
         if thresholds.min_score is not None:
-            task_rules.append(RuleResult(
-                f"{task}: score >= {thresholds.min_score:.2f}", score >= thresholds.min_score,
-                f"score {score:.3f}", task=task))
+            task_rules.append(
+                RuleResult(
+                    f"{task}: score >= {thresholds.min_score:.2f}",
+                    score >= thresholds.min_score,
+                    f"score {score:.3f}",
+                    task=task,
+                )
+            )
         if thresholds.score_band is not None:
             lo, hi = thresholds.score_band
-            task_rules.append(RuleResult(
-                f"{task}: score within [{lo:.2f}, {hi:.2f}]", lo <= score <= hi, f"score {score:.3f}", task=task))
+            task_rules.append(
+                RuleResult(
+                    f"{task}: score within [{lo:.2f}, {hi:.2f}]", lo <= score <= hi, f"score {score:.3f}", task=task
+                )
+            )
         rules.extend(task_rules)
         tasks[task] = TaskVerdict(
-            task=task, score=score, baseline=base, retention=retention, step_retention=step,
-            threshold=thresholds.min_retention, informative=informative,
-            passed=all(r.passed for r in task_rules), wlt=st.wlt.get(stage.name, (0, 0, 0)), evidence=evidence)
+            task=task,
+            score=score,
+            baseline=base,
+            retention=retention,
+            step_retention=step,
+            threshold=thresholds.min_retention,
+            informative=informative,
+            passed=all(r.passed for r in task_rules),
+            wlt=st.wlt.get(stage.name, (0, 0, 0)),
+            evidence=evidence,
+        )
     tasks = _holm_across_tasks(tasks)
     rules.extend(_critical_rules(config, tasks))
     if any(r.critical and not r.passed for r in rules):
-        verdict = "critical"
+        verdict = CRITICAL
     elif any(not r.passed for r in rules):
-        verdict = "breach"
+        verdict = BREACH
     else:
-        verdict = "pass"
+        verdict = PASS
     result = StageVerdict(stage.name, verdict, tasks, tuple(rules))
     return StageVerdict(stage.name, verdict, tasks, tuple(rules), tuple(recommend(config, stage, result)))
 
@@ -238,13 +401,20 @@ def _holm_across_tasks(tasks: dict[str, TaskVerdict]) -> dict[str, TaskVerdict]:
 
     from .stats import holm_adjusted
 
-    raw = {name: t.evidence.noninferiority_p for name, t in tasks.items()
-           if t.evidence is not None and t.evidence.noninferiority_p is not None}
+    raw = {
+        name: t.evidence.noninferiority_p
+        for name, t in tasks.items()
+        if t.evidence is not None and t.evidence.noninferiority_p is not None
+    }
     if not raw:
         return tasks
-    adjusted = holm_adjusted(raw)  # type: ignore[arg-type]
-    return {name: replace(t, evidence=replace(t.evidence, noninferiority_p_holm=adjusted[name]))
-            if name in adjusted and t.evidence is not None else t for name, t in tasks.items()}
+    adjusted = holm_adjusted(raw)
+    return {
+        name: replace(t, evidence=replace(t.evidence, noninferiority_p_holm=adjusted[name]))
+        if name in adjusted and t.evidence is not None
+        else t
+        for name, t in tasks.items()
+    }
 
 
 def _critical_rules(config: GateConfig, tasks: Mapping[str, TaskVerdict]) -> list[RuleResult]:
@@ -256,18 +426,29 @@ def _critical_rules(config: GateConfig, tasks: Mapping[str, TaskVerdict]) -> lis
             below = [t for t in scope if t.informative and t.retention is not None and t.retention < floor]
             checked = [t for t in scope if t.informative]
             if not checked:
-                results.append(RuleResult(rule.label, True, "no informative task to check", critical=True,
-                                          skipped=True))
+                results.append(
+                    RuleResult(rule.label, True, "no informative task to check", critical=True, skipped=True)
+                )
                 continue
-            detail = ("; ".join(f"{t.task} retention {t.retention:.3f}" for t in below) if below else
-                      f"lowest retention {min(t.retention or 0.0 for t in checked):.3f} over {len(checked)} task(s)")
+            detail = (
+                "; ".join(f"{t.task} retention {t.retention:.3f}" for t in below)
+                if below
+                else f"lowest retention {min(t.retention or 0.0 for t in checked):.3f} over {len(checked)} task(s)"
+            )
             results.append(RuleResult(rule.label, not below, detail, critical=True))
         else:
             present = [tasks[t] for t in rule.tasks if t in tasks and tasks[t].informative]
             missing = [t for t in rule.tasks if t not in tasks or not tasks[t].informative]
             if not present:
-                results.append(RuleResult(rule.label, True, f"skipped: {', '.join(rule.tasks)} not evaluated "
-                                          "(or at chance) in this run", critical=True, skipped=True))
+                results.append(
+                    RuleResult(
+                        rule.label,
+                        True,
+                        f"skipped: {', '.join(rule.tasks)} not evaluated (or at chance) in this run",
+                        critical=True,
+                        skipped=True,
+                    )
+                )
                 continue
             base = sum(t.baseline for t in present)
             drop = 1.0 - sum(t.score for t in present) / base
@@ -280,7 +461,7 @@ def _critical_rules(config: GateConfig, tasks: Mapping[str, TaskVerdict]) -> lis
 
 def recommend(config: GateConfig, stage: StageSpec, verdict: StageVerdict) -> list[str]:
     """Advice whose conditions hold for a failed stage."""
-    if verdict.verdict == "pass":
+    if verdict.verdict == PASS:
         return []
     advice = []
     for rec in config.recommendations:
@@ -315,7 +496,7 @@ class LadderDecision:
 def decide_ladder(verdicts: Sequence[StageVerdict]) -> LadderDecision:
     """Walk the ladder from the most aggressive stage back and take the first that passes."""
     for verdict in reversed(verdicts):
-        if verdict.verdict == "pass":
+        if verdict.verdict == PASS:
             return LadderDecision(verdict.stage, verdicts, verdict)
     return LadderDecision(None, verdicts, verdicts[0])
 
@@ -325,7 +506,7 @@ class RunDecision:
     """What a whole run decided: the verdict, the exit code and the verdict of every stage evaluated."""
 
     stage: str
-    verdict: str  # "pass" | "breach" | "critical" | "baseline-recorded"
+    verdict: str  # PASS | BREACH | CRITICAL | BASELINE_RECORDED
     exit_code: int
     stages: Sequence[StageVerdict]
     selected: str | None = None
@@ -337,17 +518,21 @@ class RunDecision:
             return None
         if self.selected is not None:
             return next(v for v in self.stages if v.stage == self.selected)
-        return self.stages[0] if self.stage == "all" else next(v for v in self.stages if v.stage == self.stage)
+        return self.stages[0] if self.stage == ALL_STAGES else next(v for v in self.stages if v.stage == self.stage)
 
 
-def decide_run(config: GateConfig, stage: str, stats: Mapping[str, TaskStats],
-               adaptive: Mapping[str, Mapping[str, Any]] | None = None) -> RunDecision:
+def decide_run(
+    config: GateConfig,
+    stage: str,
+    stats: Mapping[str, TaskStats],
+    adaptive: Mapping[str, Mapping[str, Any]] | None = None,
+) -> RunDecision:
     """The decision for ``--stage=stage`` on the collected statistics."""
     if stage == BASELINE_STAGE:
-        return RunDecision(stage, "baseline-recorded", 0, ())
-    if stage == "all":
+        return RunDecision(stage, BASELINE_RECORDED, 0, ())
+    if stage == ALL_STAGES:
         ladder = decide_ladder([evaluate_stage(config, s, stats) for s in config.stages])
-        verdict = "pass" if ladder.selected else ladder.reference.verdict
+        verdict = PASS if ladder.selected else ladder.reference.verdict
         return RunDecision(stage, verdict, ladder.exit_code, tuple(ladder.verdicts), ladder.selected)
     result = evaluate_stage(config, config.stage(stage), stats, adaptive)
     return RunDecision(stage, result.verdict, result.exit_code, (result,))

@@ -1,4 +1,7 @@
-"""Pure statistics over item outcomes: scores, retention, wins/losses/ties, intervals and paired tests. No I/O.
+"""Pure statistics over paired item scores: intervals, paired tests, power, confidence sequences. No I/O.
+
+The gate's decisions built on them (policies, early stopping) are in ``gate.py``; the tally of outcomes
+that produces ``TaskStats`` is in ``outcome.py``.
 
 numpy and scipy are imported inside the functions that need them, so importing the plugin stays fast.
 """
@@ -37,56 +40,10 @@ class TaskStats:
         return self.scores[role] / base
 
 
-def item_score(side: Mapping[str, Any], metric: str) -> float:
-    """The gating metric's score of one side of one item."""
-    return float(side["scores"][metric])
-
-
 def mean(values: Iterable[float]) -> float:
     """Arithmetic mean; 0.0 for no values."""
     values = list(values)
     return sum(values) / len(values) if values else 0.0
-
-
-@dataclass
-class Tally:
-    """Outcomes collected on the controller, in whatever order xdist delivers them."""
-
-    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def add(self, outcome: Mapping[str, Any]) -> None:
-        """Record one item's outcome (a later report of the same item replaces the earlier one)."""
-        self.outcomes[f"{outcome['task']}/{outcome['id']}"] = dict(outcome)
-
-    def ordered(self) -> list[dict[str, Any]]:
-        """Outcomes sorted by task then row, so statistics do not depend on arrival order."""
-        return sorted(self.outcomes.values(), key=lambda o: (o["task"], o["doc_id"], o["id"]))
-
-    def task_stats(self, confidence: float = 0.95) -> dict[str, TaskStats]:
-        """Per-task statistics over every role present on all of the task's items."""
-        by_task: dict[str, list[dict[str, Any]]] = {}
-        for outcome in self.ordered():
-            by_task.setdefault(outcome["task"], []).append(outcome)
-        result = {}
-        for task, outcomes in by_task.items():
-            metric = outcomes[0]["metric"]
-            roles = set.intersection(*(set(o["sides"]) for o in outcomes))
-            items = {role: tuple(item_score(o["sides"][role], metric) for o in outcomes) for role in sorted(roles)}
-            scores = {role: mean(values) for role, values in items.items()}
-            wlt = {}
-            if "baseline" in roles:
-                for role in sorted(roles - {"baseline"}):
-                    pairs = list(zip(items["baseline"], items[role], strict=True))
-                    wins = sum(cand > base for base, cand in pairs)
-                    losses = sum(cand < base for base, cand in pairs)
-                    wlt[role] = (wins, losses, len(outcomes) - wins - losses)
-            clusters = tuple(o["id"].rpartition("-")[0] for o in outcomes)
-            clustered = clusters if len(set(clusters)) > 1 else None
-            result[task] = TaskStats(
-                task=task, metric=metric, n=len(outcomes), scores=scores,
-                chance=mean(o["chance"] for o in outcomes), wlt=wlt, items=items, clusters=clusters,
-                intervals={role: mean_interval(values, confidence, clustered) for role, values in items.items()})
-        return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,9 +56,6 @@ class Tally:
 # math.fsum, which is exact) before anything order-sensitive happens.
 # ---------------------------------------------------------------------------------------------
 
-Policy = Literal["point", "strict", "lenient"]
-POLICIES: tuple[Policy, ...] = ("point", "strict", "lenient")
-SequentialVerdict = Literal["pass", "fail", "continue"]
 _Unit = TypeVar("_Unit", float, tuple[float, float])
 
 
@@ -147,14 +101,6 @@ class NonInferiority:
     mean_difference: float  # mean of d_i = cand_i - threshold * base_i
     method: str  # "score" (normal reference) or "wald" (t reference with df degrees of freedom)
     df: int | None = None
-
-
-@dataclass(frozen=True)
-class Decision:
-    """A gate policy's verdict on one retention interval."""
-
-    passed: bool
-    resolved: bool  # the interval lies entirely on one side of the threshold
 
 
 def _z(confidence: float) -> float:
@@ -344,8 +290,9 @@ def paired_bootstrap_retention(
         return RetentionCI(float(point), None, None, None)
     ratios.sort()
     alpha = 1 - confidence
-    lo = min(_quantile(ratios, alpha / 2), point)
-    hi = max(_quantile(ratios, 1 - alpha / 2), point)
+    ordered = ratios.tolist()
+    lo = min(_quantile(ordered, alpha / 2), point)
+    hi = max(_quantile(ordered, 1 - alpha / 2), point)
     share = None if threshold is None else float(np.count_nonzero(ratios < threshold)) / len(ratios)
     return RetentionCI(float(point), float(lo), float(hi), share)
 
@@ -616,6 +563,23 @@ def _last_true(holds: Callable[[float], bool], low: float, high: float) -> float
     return _bits_float(a)
 
 
+def retention_p_values(
+    base: Sequence[float], cand: Sequence[float], threshold: float, clusters: Sequence[Hashable] | None = None
+) -> tuple[float, float]:
+    """One-sided p-values at ``threshold`` of H0: retention <= threshold and of H0: retention >= threshold.
+
+    The tests ``retention_interval`` inverts (score without clusters, clustered Wald with them), so a
+    decision taken from these p-values and the interval's bounds can never disagree.
+    """
+    b, c = _paired(base, cand)
+    if not b:
+        raise ValueError("retention_p_values needs at least one item")
+    _, p_below, p_above, _ = _RetentionTests(b, c, clusters, "score" if clusters is None else "wald").evaluate(
+        threshold
+    )
+    return p_below, p_above
+
+
 def noninferiority_rejects(p_value: float, confidence: float = 0.95) -> bool:
     """Whether a one-sided p-value rejects at one side's share of a two-sided interval: p <= (1 - confidence) / 2."""
     _check_level("confidence", confidence)
@@ -731,60 +695,6 @@ def retention_interval(
     return RetentionCI(point, lo, hi, method=method, note="; ".join(notes) or None)
 
 
-def policy_verdict(policy: Policy, *, point_passes: bool, strict_passes: bool, lenient_passes: bool) -> Decision:
-    """A gate policy's verdict from the three answers it chooses among (``resolved``: strict and lenient agree)."""
-    if policy == "point":
-        passed = point_passes
-    elif policy == "strict":
-        passed = strict_passes
-    elif policy == "lenient":
-        passed = lenient_passes
-    else:
-        raise ValueError(f"unknown gate policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    return Decision(passed=bool(passed), resolved=bool(strict_passes or not lenient_passes))
-
-
-def retention_decision(
-    base: Sequence[float],
-    cand: Sequence[float],
-    threshold: float,
-    policy: Policy = "strict",
-    *,
-    confidence: float = 0.95,
-    clusters: Sequence[Hashable] | None = None,
-) -> Decision:
-    """Pass/fail of ``retention >= threshold`` under a gate policy, decided by the tests ``retention_interval`` inverts.
-
-    strict: passes exactly when ``noninferiority_test(base, cand, threshold, clusters)`` rejects
-    H0: retention <= threshold at (1 - confidence) / 2, i.e. when the interval's lower bound is >=
-    threshold: its false-pass rate at a true retention equal to the threshold is at most
-    (1 - confidence) / 2 (up to the test's normal approximation). lenient: fails exactly when the
-    mirror test rejects H0: retention >= threshold at (1 - confidence) / 2, i.e. when the upper
-    bound is below the threshold. point: the estimate. The decision is taken from the test at the
-    threshold itself, so it stands even where the interval's bounds are None. A baseline scoring 0
-    has no retention: nothing passes and nothing is resolved.
-    """
-    b, c = _paired(base, cand)
-    if not threshold > 0:
-        raise ValueError(f"threshold must be positive, got {threshold!r}")
-    _check_level("confidence", confidence)
-    if not b:
-        raise ValueError("retention_decision needs at least one item")
-    if policy not in POLICIES:
-        raise ValueError(f"unknown gate policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    base_sum = math.fsum(b)
-    if base_sum <= 0:
-        return Decision(passed=False, resolved=False)
-    tests = _RetentionTests(b, c, clusters, "score" if clusters is None else "wald")
-    _, p_below, p_above, _ = tests.evaluate(threshold)
-    return policy_verdict(
-        policy,
-        point_passes=math.fsum(c) / base_sum >= threshold,
-        strict_passes=noninferiority_rejects(p_below, confidence),
-        lenient_passes=not noninferiority_rejects(p_above, confidence),
-    )
-
-
 def holm_adjusted(p_values: Mapping[str, float]) -> dict[str, float]:
     """Holm step-down adjusted p-values (same keys, same order as given)."""
     for key, p in p_values.items():
@@ -806,22 +716,6 @@ def holm(p_values: Mapping[str, float], alpha: float = 0.05) -> dict[str, bool]:
     return {key: p <= alpha for key, p in holm_adjusted(p_values).items()}
 
 
-def policy_decision(point: float, lo: float, hi: float, threshold: float, policy: Policy) -> Decision:
-    """Pass/fail of ``retention >= threshold`` under a gate policy, read off an interval.
-
-    point: the estimate decides. strict: pass only when the whole interval is at or above the
-    threshold (lo >= threshold). lenient: fail only when the whole interval is below it
-    (hi < threshold). ``resolved`` (any policy) says the interval does not straddle the threshold,
-    i.e. strict and lenient agree. For ``retention_interval``'s interval this is the same decision
-    as ``retention_decision``, which the gate uses because it also decides where a bound is None.
-    """
-    if not lo <= point <= hi:
-        raise ValueError(f"need lo <= point <= hi, got lo={lo}, point={point}, hi={hi}")
-    return policy_verdict(
-        policy, point_passes=point >= threshold, strict_passes=lo >= threshold, lenient_passes=hi >= threshold
-    )
-
-
 def _z_pair(alpha: float, power: float) -> tuple[float, float]:
     from scipy.special import ndtri
 
@@ -836,7 +730,8 @@ def _check_design(base_accuracy: float, discordance: float) -> None:
     if not 0.0 < discordance <= 2 * min(base_accuracy, 1 - base_accuracy):
         raise ValueError(
             f"discordance (share of items where the models disagree) must be in (0, 2 * min(p, 1 - p)] "
-            f"for baseline accuracy p={base_accuracy}, got {discordance!r}")
+            f"for baseline accuracy p={base_accuracy}, got {discordance!r}"
+        )
 
 
 def minimum_detectable_drop(
@@ -868,9 +763,7 @@ def minimum_detectable_drop(
     return float(delta / base_accuracy)
 
 
-def items_needed(
-    base_accuracy: float, discordance: float, drop: float, alpha: float = 0.05, power: float = 0.8
-) -> int:
+def items_needed(base_accuracy: float, discordance: float, drop: float, alpha: float = 0.05, power: float = 0.8) -> int:
     """Items the paired (McNemar) test needs to detect a relative retention drop ``drop``.
 
     Connor (1987): n = (z_{1-alpha/2} sqrt(psi) + z_power sqrt(psi - Delta^2))^2 / Delta^2 with
@@ -883,7 +776,8 @@ def items_needed(
     if not 0 < delta <= discordance or (discordance + delta) / 2 > base_accuracy:
         raise ValueError(
             f"a retention drop of {drop} at baseline accuracy {base_accuracy} needs discordance "
-            f">= {delta:.4g} (and at most {2 * base_accuracy - delta:.4g}), got {discordance}")
+            f">= {delta:.4g} (and at most {2 * base_accuracy - delta:.4g}), got {discordance}"
+        )
     z_a, z_b = _z_pair(alpha, power)
     n = (z_a * math.sqrt(discordance) + z_b * math.sqrt(discordance - delta * delta)) ** 2 / (delta * delta)
     return max(1, math.ceil(n - 1e-9))  # the tolerance keeps an exact integer from rounding up
@@ -941,30 +835,3 @@ def _predmix_eb_lower(x: Any, alpha: float) -> Any:
     psi = -np.log1p(-lam) - lam
     lam_sum = np.cumsum(lam)
     return (np.cumsum(lam * x) - log_inv_alpha - np.cumsum((x - mu_prev) ** 2 * psi)) / lam_sum
-
-
-def sequential_decision(
-    base: Sequence[float], cand: Sequence[float], threshold: float, *, alpha: float = 0.05
-) -> SequentialVerdict:
-    """Early-stopping verdict on ``retention >= threshold`` from the paired items seen so far.
-
-    Uses the anytime-valid confidence sequence of ``mean_confidence_sequence`` on
-    d_i = cand_i - threshold * base_i in [-threshold, 1], whose mean is >= 0 exactly when
-    retention >= threshold. "pass" when the lower bound is > 0, "fail" when the upper bound is < 0,
-    else "continue". May be called after every shard: P(ever "pass" | retention <= threshold) <=
-    alpha and P(ever "fail" | retention >= threshold) <= alpha, under the assumption stated there
-    (independent items in random order). If all items run out with "continue", a fixed-n test on
-    the same data spends error again: give the two rules alpha/2 each to keep the total at alpha.
-    """
-    import numpy as np
-
-    b, c = _paired(base, cand)
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
-    d = np.clip(np.array(c) - threshold * np.array(b), -threshold, 1.0)  # clip: rounding only
-    lo, hi = mean_confidence_sequence(d.tolist(), lower=-threshold, upper=1.0, alpha=alpha)
-    if lo > 0:
-        return "pass"
-    if hi < 0:
-        return "fail"
-    return "continue"

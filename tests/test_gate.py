@@ -116,7 +116,7 @@ def test_recommendation_rules_match_bits_and_mean_retention():
 
 def paired(task, base_items, **roles):
     """TaskStats from per-item 0/1 scores, as the tally builds them."""
-    from pytest_llmgate.stats import Tally
+    from pytest_llmgate.outcome import Tally
 
     tally = Tally()
     for i, base in enumerate(base_items):

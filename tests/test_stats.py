@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_llmgate.stats import Tally
+from pytest_llmgate.outcome import Tally
 
 
 def outcome(doc_id: int, base: float, cand: float) -> dict:

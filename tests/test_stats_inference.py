@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pytest_llmgate.config import POLICIES
+from pytest_llmgate.gate import Decision, policy_decision, policy_verdict, retention_decision, sequential_decision
 from pytest_llmgate.stats import (
-    POLICIES,
-    Decision,
     McNemar,
     RetentionCI,
     holm,
@@ -31,11 +31,7 @@ from pytest_llmgate.stats import (
     noninferiority_rejects,
     noninferiority_test,
     paired_bootstrap_retention,
-    policy_decision,
-    policy_verdict,
-    retention_decision,
     retention_interval,
-    sequential_decision,
     wilson_interval,
 )
 
@@ -726,7 +722,7 @@ def test_gate_strict_and_lenient_follow_the_test():
 
     from pytest_llmgate.config import parse_config
     from pytest_llmgate.gate import evaluate_stage
-    from pytest_llmgate.stats import Tally
+    from pytest_llmgate.outcome import Tally
     from pytest_llmgate.tasks import TASKS
 
     def stage_stats(table):

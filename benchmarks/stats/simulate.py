@@ -50,13 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pytest_llmgate.stats import (
-    noninferiority_test,
-    paired_bootstrap_retention,
-    retention_decision,
-    retention_interval,
-    sequential_decision,
-)
+from pytest_llmgate.gate import retention_decision, sequential_decision
+from pytest_llmgate.stats import noninferiority_test, paired_bootstrap_retention, retention_interval
 
 
 @dataclass(frozen=True)

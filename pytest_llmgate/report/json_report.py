@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import BASELINE_STAGE
+from ..config import BASELINE_STAGE, INCOMPLETE
 from ..gate import RuleResult, RunDecision, StageVerdict
 from ..outcome import ItemOutcome
 from ..stats import TaskStats
@@ -140,7 +140,7 @@ def build_report(
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "stage": decision.stage,
-        "verdict": "incomplete" if problems else decision.verdict,
+        "verdict": INCOMPLETE if problems else decision.verdict,
         "gate_verdict": decision.verdict,
         "exit_code": exit_code,
         "gate_exit_code": decision.exit_code,

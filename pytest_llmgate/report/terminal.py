@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..config import BASELINE_STAGE
+from ..config import ALL_STAGES, BASELINE_STAGE, PASS
 from ..gate import RunDecision, StageVerdict, interval_text
 from ..stats import TaskStats
 
@@ -52,8 +52,11 @@ def stage_table(stats: Mapping[str, TaskStats], verdict: StageVerdict | None) ->
             status += " (at chance)"
         elif evidence is not None and evidence.resolved is False:
             status += " (unresolved)"
-        ci = "-" if evidence is None or (evidence.lo is None and evidence.hi is None) else interval_text(
-            evidence.lo, evidence.hi)
+        ci = (
+            "-"
+            if evidence is None or (evidence.lo is None and evidence.hi is None)
+            else interval_text(evidence.lo, evidence.hi)
+        )
         p_value = "-" if evidence is None else f"{evidence.mcnemar_p:.3g}"
         rows.append(
             (
@@ -140,7 +143,7 @@ def render(
         return out
     if decision.stage != BASELINE_STAGE:
         out.append(("", {}))
-        if decision.stage == "all":
+        if decision.stage == ALL_STAGES:
             headline = (
                 f"llmgate: ladder selects stage '{decision.selected}' (the most compressed that passes)"
                 if decision.selected
@@ -148,7 +151,7 @@ def render(
             )
         else:
             headline = f"llmgate: stage '{decision.stage}' {decision.verdict.upper()}"
-        good = decision.verdict == "pass"
+        good = decision.verdict == PASS
         out.append((f"{headline} (exit {exit_code})", {"green": good, "red": not good, "bold": True}))
     return out
 
