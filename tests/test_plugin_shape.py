@@ -137,3 +137,12 @@ def test_the_plan_of_a_stepped_stage_is_about_that_stage(project):
     plan = project.run("--stage=stepped", "--llmgate-plan")
     # 'stepped' agrees with the baseline on every item: a measured discordance of 0 (harsh's is far above).
     plan.stdout.fnmatch_lines(["*arc_challenge*20*1.000 (20)*0.000*"])
+
+
+def test_data_edited_between_two_sessions_in_one_process_is_read_again(project):
+    assert project.run("--stage=baseline").ret == 0
+    data = project.path / "data" / "arc_challenge" / "test.jsonl"
+    data.write_text(data.read_text().replace("Synthetic question 3?", "Synthetic question 3 (reworded)?"))
+    project.run("--stage=baseline", "--llmgate-report=report.json")
+    # New rows, a new data hash: the task's results are evaluated again, not read from memory or the cache.
+    assert project.report()["models"]["baseline"]["evaluated"] == 20

@@ -107,7 +107,19 @@ def _read_parquet(paths: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def file_stamp(path: Path) -> tuple[int, int, int, int, int]:
+    """A file's identity and change time (device, inode, size, mtime, ctime): equal stamps, equal bytes."""
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 @functools.lru_cache(maxsize=64)
+def _read_local(paths: tuple[Path, ...], stamps: tuple[tuple[int, int, int, int, int], ...]) -> list[dict[str, Any]]:
+    """The rows of a split's local files, memoised by the files' stamps: a changed file is read again."""
+    jsonl = [p for p in paths if p.suffix == ".jsonl"]
+    return read_jsonl(jsonl[0])[0] if jsonl else _read_parquet(list(paths))
+
+
 def load_split(ref: DatasetRef, data_dir: Path | None) -> LoadedSplit:
     """Rows of ``ref``: from ``data_dir`` (or $LLMGATE_DATA_DIR) when set, else from the hub."""
     if data_dir is None and os.environ.get(DATA_DIR_ENV):
@@ -127,8 +139,9 @@ def load_split(ref: DatasetRef, data_dir: Path | None) -> LoadedSplit:
                 "add the file, or unset the data dir to load from the Hugging Face hub"
             )
         jsonl = [p for p in paths if p.suffix == ".jsonl"]
-        rows = read_jsonl(jsonl[0])[0] if jsonl else _read_parquet(paths)
-        origin = str(jsonl[0] if jsonl else paths[0])
+        chosen = tuple(jsonl[:1] or paths)
+        rows = _read_local(chosen, tuple(file_stamp(p) for p in chosen))
+        origin = str(chosen[0])
     else:
         rows = _load_from_hub(ref)
         origin = f"hub:{ref.hub_path}" + (f"/{ref.hub_name}" if ref.hub_name else "") + f":{ref.split}"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import GenerationTask, MultipleChoiceTask, Task, TaskItem, TaskOptions
-from .data import DatasetError, DatasetRef, LoadedSplit, content_hash
+from .data import DatasetError, DatasetRef, LoadedSplit, content_hash, file_stamp
 from .data import read_jsonl as read_rows
 from .fewshot import DEFAULT_FEWSHOT_SEED, FewShotSource
 from .mmlu import stratified
@@ -490,8 +490,8 @@ def _rank(seed: int, row: dict[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def load_suite(path: Path, stamp: tuple[int, int], split: SplitSpec | None) -> SuiteData:
-    """Read and split a suite file; memoised by (path, (mtime, size), split)."""
+def load_suite(path: Path, stamp: tuple[int, ...], split: SplitSpec | None) -> SuiteData:
+    """Read and split a suite file; memoised by (path, its ``file_stamp``, split): a changed file is read again."""
     rows, numbers = read_jsonl(path)
     lines = {id(row): number for row, number in zip(rows, numbers, strict=True)}
     if split is None:
@@ -549,12 +549,12 @@ class _Suite(Task):
     def data(self) -> SuiteData:
         """The file's rows, split; read again when the file changes."""
         try:
-            stat = self.spec.path.stat()
+            stamp = file_stamp(self.spec.path)
         except OSError:
             raise DatasetError(
                 f"suite {self.name}: {self.spec.path} does not exist any more; fix path in {self.spec.where}"
             ) from None
-        return load_suite(self.spec.path, (stat.st_mtime_ns, stat.st_size), self.spec.split)
+        return load_suite(self.spec.path, stamp, self.spec.split)
 
     def rows(self, data_dir: Path | None) -> LoadedSplit:
         """The evaluated part; its hash covers the whole file and the split, so any edit misses the cache.
