@@ -12,20 +12,20 @@ repository root::
 
     # 1. Task YAMLs that include lm-eval's installed gsm8k.yaml / gsm8k-cot.yaml and only point them
     #    at local JSONL files (and the model's HF copy, unless DIR/smollm2-hf exists); prints step 2.
-    /work/fidelity/venv/bin/python benchmarks/fidelity/compare_generation.py \\
-        --prepare /work/fidelity --tasks gsm8k,gsm8k_cot --limit 50 --data-dir /work/shared/datasets
+    <FIDELITY_DIR>/venv/bin/python benchmarks/fidelity/compare_generation.py \\
+        --prepare <FIDELITY_DIR> --tasks gsm8k,gsm8k_cot --limit 50 --data-dir ../shared/datasets
 
     # 2. The reference run (batch size 1: no padding, the reference lm-eval's users get by default).
-    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 /work/fidelity/venv/bin/lm_eval --model hf \\
-        --model_args pretrained=/work/fidelity/smollm2-hf,dtype=float32 \\
-        --tasks gsm8k_local,gsm8k_cot_local --include_path /work/fidelity/gen_tasks \\
-        --device cpu --batch_size 1 --limit 50 --log_samples --output_path /work/fidelity/lm_eval_gen
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 <FIDELITY_DIR>/venv/bin/lm_eval --model hf \\
+        --model_args pretrained=<FIDELITY_DIR>/smollm2-hf,dtype=float32 \\
+        --tasks gsm8k_local,gsm8k_cot_local --include_path <FIDELITY_DIR>/gen_tasks \\
+        --device cpu --batch_size 1 --limit 50 --log_samples --output_path <FIDELITY_DIR>/lm_eval_gen
 
     # 3. Our side (batched: --batch-size), and the comparison; --save keeps our completions, --ours
     #    compares saved ones again, --generate-only --save FILE generates while lm-eval still runs.
-    /work/venv/bin/python benchmarks/fidelity/compare_generation.py \\
-        --lm-eval-samples /work/fidelity/lm_eval_gen --tasks gsm8k,gsm8k_cot --limit 50 \\
-        --data-dir /work/shared/datasets --batch-size 16
+    .venv/bin/python benchmarks/fidelity/compare_generation.py \\
+        --lm-eval-samples <FIDELITY_DIR>/lm_eval_gen --tasks gsm8k,gsm8k_cot --limit 50 \\
+        --data-dir ../shared/datasets --batch-size 16
 """
 
 from __future__ import annotations

