@@ -14,9 +14,11 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import pytest
+
+from .validate import is_int, unknown_key
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BASELINE_STAGE = "baseline"
@@ -40,12 +42,9 @@ def _fail(where: str, message: str) -> pytest.UsageError:
 
 
 def _check_keys(table: Mapping[str, Any], known: Iterable[str], where: str) -> None:
-    known = list(known)
-    for key in table:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            raise _fail(f"{where}.{key}", f"unknown key; {hint}")
+    found = unknown_key(table, known)
+    if found is not None:
+        raise _fail(f"{where}.{found[0]}", f"unknown key; {found[1]}")
 
 
 def _fraction(value: Any, where: str) -> float:
@@ -59,7 +58,7 @@ def _fraction(value: Any, where: str) -> float:
 def _positive_int(value: Any, where: str, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise _fail(where, f"expected a positive integer, got {value!r}")
     return value
 
@@ -67,7 +66,7 @@ def _positive_int(value: Any, where: str, *, allow_none: bool = False) -> int | 
 def _batch_size(value: Any, where: str) -> int | str:
     if value == "auto":
         return "auto"
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise _fail(where, f"expected 'auto' or a positive integer, got {value!r}")
     return value
 
@@ -191,28 +190,24 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
     )
 
 
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _checked_transform(transform: dict[str, Any], where: str) -> dict[str, Any]:
     """Every parameter the quantizers would reject at model load, rejected here (exit 4, nothing loaded)."""
     bits = transform.get("bits")
     if transform["method"] == "rtn":
         # rtn keeps 2**(bits-1) - 1 levels a side: 1 bit would leave only zero.
-        if not _is_int(bits) or not 2 <= bits <= 16:
+        if not is_int(bits) or not 2 <= bits <= 16:
             raise _fail(f"{where}.bits", f"expected an integer from 2 to 16 for round-to-nearest, got {bits!r}")
         group_size = transform.get("group_size", 128)
-        if not _is_int(group_size) or group_size < 1:
+        if not is_int(group_size) or group_size < 1:
             raise _fail(
                 f"{where}.group_size",
                 f"expected a positive number of input columns per scale (e.g. 128), got {group_size!r}",
             )
         return transform
     vector_len = transform.get("vector_len", 4)
-    if not _is_int(vector_len) or vector_len < 1:
+    if not is_int(vector_len) or vector_len < 1:
         raise _fail(f"{where}.vector_len", f"expected a positive integer (e.g. 4), got {vector_len!r}")
-    if not _is_int(bits) or bits < 1:
+    if not is_int(bits) or bits < 1:
         raise _fail(f"{where}.bits", f"expected a positive integer of bits per weight, got {bits!r}")
     # vptq stores centroid indices of bits x vector_len bits, at most 16 (65536 centroids).
     if bits * vector_len > 16:
@@ -223,7 +218,7 @@ def _checked_transform(transform: dict[str, Any], where: str) -> dict[str, Any]:
         )
     for key, low in (("kmeans_iters", 0), ("seed", 0)):
         value = transform.get(key, low)
-        if not _is_int(value) or value < low:
+        if not is_int(value) or value < low:
             raise _fail(f"{where}.{key}", f"expected a whole number >= {low}, got {value!r}")
     return transform
 
@@ -477,7 +472,7 @@ def _prompt_settings(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     for key in ("num_fewshot", "fewshot_seed"):
         if key in raw:
             value = raw[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise _fail(f"{where}.{key}", f"expected a whole number >= 0, got {value!r}")
             found[key] = value
     for key in ("apply_chat_template", "fewshot_as_multiturn"):
@@ -973,7 +968,7 @@ def parse_config(
                 )
 
     seed = raw.get("seed", 1234)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise _fail("[tool.llmgate].seed", f"expected an integer, got {seed!r}")
     data_dir = raw.get("data_dir")
     cache = raw.get("cache", ".llmgate/cache.sqlite")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..validate import is_int, unknown_key
 from .base import GenerationTask, MultipleChoiceTask, Task, TaskItem, TaskOptions
 from .data import DatasetError, DatasetRef, LoadedSplit, content_hash, file_stamp
 from .data import read_jsonl as read_rows
@@ -76,11 +77,9 @@ class SuiteError(Exception):
 
 
 def _check_keys(table: Mapping[str, Any], known: Sequence[str], where: str) -> None:
-    for key in table:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            raise SuiteError(f"{where}.{key}", f"unknown key; {hint}")
+    found = unknown_key(table, known)
+    if found is not None:
+        raise SuiteError(f"{where}.{found[0]}", f"unknown key; {found[1]}")
 
 
 def _string(table: Mapping[str, Any], key: str, where: str, default: str | None) -> str | None:
@@ -99,7 +98,7 @@ def _flag(table: Mapping[str, Any], key: str, where: str, default: bool) -> bool
 
 def _whole(table: Mapping[str, Any], key: str, where: str, default: int, minimum: int) -> int:
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise SuiteError(f"{where}.{key}", f"expected a whole number >= {minimum}, got {value!r}")
     return value
 
@@ -333,7 +332,7 @@ def _split(raw: Any, where: str) -> SplitSpec | None:
             f"(0.2 evaluates 20% of the rows), got {fraction!r}",
         )
     seed = raw.get("seed", DEFAULT_FEWSHOT_SEED)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise SuiteError(f"{where}.seed", f"expected an integer, got {seed!r}")
     return SplitSpec(eval_fraction=float(fraction), seed=seed)
 
