@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import file_sha256
+from .tasks.data import file_stamp
 
 SCHEMA_VERSION = 1
 FIX_HINT = "delete or move it, point --llmgate-cache at another file, or run with --llmgate-no-cache"
@@ -221,8 +222,7 @@ class ResultCache:
         """
         racy_ns = 2_000_000_000  # above the timestamp granularity of common file systems (1 s on some)
         resolved = str(path.resolve())
-        stat = path.stat()
-        identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        identity = file_stamp(path)  # (device, inode, size, mtime, ctime)
         self._follow_file()
         try:
             row = self.connection.execute(
@@ -240,9 +240,7 @@ class ResultCache:
         if row:
             return str(row[0])
         digest = file_sha256(path)
-        after = path.stat()
-        unchanged = (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == identity
-        if unchanged and time.time_ns() - stat.st_ctime_ns > racy_ns:
+        if file_stamp(path) == identity and time.time_ns() - identity[4] > racy_ns:
             self._insert(
                 "INSERT OR REPLACE INTO file_digests_v2 VALUES (?, ?, ?, ?, ?, ?, ?)", [(resolved, *identity, digest)]
             )

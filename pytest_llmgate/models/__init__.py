@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ..config import BUILTIN_SMOLLM2, ModelSpec
+from ..config import BUILTIN_SMOLLM2, ModelSpec, looks_local
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 
 # Bump when the way log-likelihoods are computed changes: it is part of every fingerprint.
@@ -99,7 +99,7 @@ def resolve_local(spec: ModelSpec) -> tuple[Path, str | None]:
         return path.parent, path.name
     if path.is_dir():
         return path, spec.gguf_file
-    if path.is_absolute() or spec.path.startswith((".", "~")) or spec.path.count("/") != 1:
+    if looks_local(spec.path):
         raise ModelLoadError(
             f"model '{spec.name}': path {spec.path} does not exist; point path at a model folder, "
             "a .gguf file, or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"

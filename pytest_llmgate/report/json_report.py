@@ -67,7 +67,7 @@ def _tasks(stats: Mapping[str, TaskStats], verdict: StageVerdict | None, margin_
             if evidence is not None:
                 entry.update(
                     retention_ci=None if evidence.lo is None and evidence.hi is None else [evidence.lo, evidence.hi],
-                    retention_ci_note=getattr(evidence, "note", None),
+                    retention_ci_note=evidence.note,
                     confidence=evidence.confidence,
                     policy=evidence.policy,
                     resolved=evidence.resolved,
@@ -129,7 +129,7 @@ def build_report(
     unchecked: Sequence[str] = (),
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The report as a dict of builtin types, with no NaN or infinity anywhere (null instead).
+    """The report as a dict of builtin types; NaN and infinity are null (in ``items`` once they are dumped).
 
     ``problems`` say why the run is incomplete (``unchecked``: the configured rules it could not check); with
     any of them ``verdict`` is "incomplete" and ``gate_verdict`` keeps what the rules said on the items that ran.
