@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import numpy  # noqa: F401
 import pytest
 import scipy.stats  # noqa: F401
 import torch  # noqa: F401
+
+with contextlib.suppress(ImportError):  # llama.cpp's shared libraries, loaded once (CI installs it)
+    import llama_cpp  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
@@ -32,8 +36,14 @@ def synthetic_arc_rows(count: int) -> list[dict]:
         labels = ["A", "B", "C", "D"]
         right = index % 4
         texts = [f"answer {index}-{k} RIGHT" if k == right else f"answer {index}-{k} wrong" for k in range(4)]
-        rows.append({"id": f"q{index}", "question": f"Synthetic question {index}?",
-                     "choices": {"text": texts, "label": labels}, "answerKey": labels[right]})
+        rows.append(
+            {
+                "id": f"q{index}",
+                "question": f"Synthetic question {index}?",
+                "choices": {"text": texts, "label": labels},
+                "answerKey": labels[right],
+            }
+        )
     return rows
 
 

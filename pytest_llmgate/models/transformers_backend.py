@@ -91,10 +91,19 @@ class TransformersBackend:
         self.device = device
         folder, gguf_file = resolve_local(spec)
         revision = spec.revision if spec.revision and not Path(spec.path).exists() else None
+        tokenizer_source = (
+            resolve_local(ModelSpec(name=spec.name, path=spec.tokenizer)) if spec.tokenizer else (folder, gguf_file)
+        )
+        self.notes: list[str] = []
+        if spec.transform and spec.transform["method"] == "gguf":
+            # The GGUF file llama.cpp's quantizer writes, read back (dequantized) by transformers: the deployed
+            # file's weights on PyTorch's kernels. The tokenizer stays the source's.
+            from .gguf_files import quantized_gguf
+            from .llama_cpp_backend import gguf_path
+
+            made = quantized_gguf(gguf_path(spec), spec.transform["type"], work_dir)
+            folder, gguf_file, self.notes = made.path.parent, made.path.name, list(made.notes)
         try:
-            tokenizer_source = (
-                resolve_local(ModelSpec(name=spec.name, path=spec.tokenizer)) if spec.tokenizer else (folder, gguf_file)
-            )
             self.tokenizer = _tokenizer(*tokenizer_source, pool=pool)
             if spec.backend == "vptq":
                 from .quantize import load_vptq_model
@@ -102,8 +111,9 @@ class TransformersBackend:
                 model = load_vptq_model(folder, device="cpu" if device == "cpu" else device)
             else:
                 # Evaluated as it is on the CPU, the model is never changed: no copy needed.
+                changes = bool(spec.transform) and spec.transform["method"] != "gguf"
                 model = _pretrained(
-                    folder, gguf_file, spec.dtype, revision, private=bool(spec.transform) or device != "cpu", pool=pool
+                    folder, gguf_file, spec.dtype, revision, private=changes or device != "cpu", pool=pool
                 )
         except ModelLoadError:
             raise
@@ -133,7 +143,7 @@ class TransformersBackend:
 
     def _apply_transform(self, model: Any, checkpoint_dir: Path) -> Any:
         transform = self.spec.transform
-        if not transform:
+        if not transform or transform["method"] == "gguf":  # a gguf transform is a file, already loaded
             return model
         from . import quantize
 
