@@ -214,6 +214,9 @@ def _summaries(items: list[ItemOutcome]) -> tuple[dict[str, dict[str, Any]], dic
             )
             info["cached" if side["cached"] else "evaluated"] += 1
             info["stored"] += bool(side.get("stored", side["cached"]))
+            for note in side.get("model_notes", ()):
+                if note not in info.setdefault("notes", []):
+                    info["notes"].append(note)
         loads = workers.setdefault(outcome.worker, {})
         for name, count in outcome.loads.items():
             loads[name] = max(loads.get(name, 0), count)

@@ -115,6 +115,11 @@ class Engine:
             self.loads[spec.name] += 1
         return self._backends[fingerprint]
 
+    def model_notes(self, role: str) -> list[str]:
+        """What the loaded backend of ``role`` says about the model (e.g. a GGUF file's quantizer fallbacks)."""
+        backend = self._backends.get(self.fingerprint(role))
+        return [str(note) for note in getattr(backend, "notes", ())] if backend is not None else []
+
     def result(self, role: str, shard: str, item: TaskItem) -> SideResult:
         """``role``'s results for ``item``; computes the whole shard on first use."""
         fingerprint = self.fingerprint(role)

@@ -78,6 +78,9 @@ class WorkerPlugin:
                 model=state.roles[role].name,
                 fingerprint=engine.fingerprint(role),
             )
+            model_notes = engine.model_notes(role)
+            if model_notes:
+                side["model_notes"] = model_notes
             sides[role] = side
         outcome = ItemOutcome(
             task=task.name,

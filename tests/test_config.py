@@ -93,10 +93,47 @@ def test_overrides_parse_toml_values():
     ({"policy": "loose"}, r"\[tool.llmgate\].policy: 'loose': use 'point'"),
     ({"confidence": 0.3}, r"confidence: 0.3: use a level such as 0.95"),
     ({**MODELS, "stages": [{"name": "s", "model": "q", "score_band": [0.8, 0.7]}]}, r"low 0.8 is above high 0.7"),
+    # Runtimes: each backend's keys, on that backend only; transforms that fit the runtime.
+    ({"models": {"m": {"n_ctx": 512}}}, r"models.m\].n_ctx: is a key of backend = 'llama_cpp'"),
+    ({"models": {"m": {"backend": "llama_cpp", "base_url": "http://x/v1"}}},
+     r"base_url: is a key of backend = 'openai'"),
+    ({"models": {"m": {"backend": "llama_cpp", "transform": {"method": "rtn", "bits": 4}}}},
+     r"llama.cpp runs GGUF files: use transform = \{ method = 'gguf'"),
+    ({"models": {"m": {"backend": "llama_cpp", "transform": {"method": "gguf", "type": "Q4_X"}}}},
+     r"transform.type: 'Q4_X' is not a GGUF type llmgate writes; use one of F32, F16"),
+    ({"models": {"m": {"backend": "llama_cpp", "transform": {"method": "gguf", "bits": 4}}}},
+     r"transform.bits: unknown key"),
+    ({"models": {"m": {"backend": "vptq", "transform": {"method": "gguf", "type": "Q8_0"}}}},
+     r"method 'gguf' writes a GGUF file for backend 'llama_cpp'"),
+    ({"models": {"m": {"backend": "llama_cpp", "n_gpu_layers": -2}}}, r"n_gpu_layers: expected -1 \(all layers\)"),
+    ({"models": {"m": {"backend": "llama_cpp", "n_ctx": 0}}}, r"n_ctx: expected a positive integer"),
+    ({"models": {"m": {"backend": "openai"}}}, r"base_url: expected the server's URL"),
+    ({"models": {"m": {"backend": "openai", "base_url": "localhost:8000"}}}, r"base_url: expected the server's URL"),
+    ({"models": {"m": {"backend": "openai", "base_url": "http://h/v1", "api_key_env": "sk-abc.123"}}},
+     r"api_key_env: 'sk-abc.123' is not an environment variable name"),
+    ({"models": {"m": {"backend": "openai", "base_url": "http://h/v1", "transform": {"method": "rtn", "bits": 4}}}},
+     r"a served model is judged as the server runs it"),
+    ({"models": {"m": {"backend": "openai", "base_url": "http://h/v1", "max_in_flight": 0}}},
+     r"max_in_flight: expected a positive integer"),
+    ({"models": {"m": {"backend": "openai", "base_url": "http://h/v1", "timeout": -1}}}, r"timeout: expected seconds"),
 ])
 def test_every_mistake_is_a_usage_error_naming_key_and_fix(raw, message):
     with pytest.raises(pytest.UsageError, match=message):
         parse(raw)
+
+
+def test_runtime_model_tables_parse():
+    config = parse({"models": {
+        "m": {},
+        "gguf": {"backend": "llama_cpp", "n_ctx": 2048, "n_threads": 4, "n_gpu_layers": -1,
+                 "transform": {"method": "gguf", "type": "q4_k_m"}},
+        "served": {"backend": "openai", "base_url": "http://127.0.0.1:8000/v1/", "model": "m",
+                   "api_key_env": "MY_KEY", "max_in_flight": 16, "timeout": 30, "max_retries": 2},
+    }, "baseline": "m"})
+    gguf, served = config.models["gguf"], config.models["served"]
+    assert gguf.transform == {"method": "gguf", "type": "Q4_K_M"} and (gguf.n_ctx, gguf.n_gpu_layers) == (2048, -1)
+    assert served.base_url == "http://127.0.0.1:8000/v1" and served.max_in_flight == 16 and served.timeout == 30.0
+    assert served.reuse_cache is False and served.describe() == "m at http://127.0.0.1:8000/v1 [openai]"
 
 
 def test_unknown_stage_and_missing_stage_model(tmp_path):

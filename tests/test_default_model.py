@@ -36,7 +36,7 @@ def test_demo_config_baseline_then_int8_on_smollm2(tmp_path):
     assert report["models"]["int8"]["evaluated"] == 6
     first = report["items"][0]
     assert first["task"] == "arc_challenge" and first["id"] == "test-0"
-    # lm-eval 0.4.13's value for this choice (see test_scoring_real.py); 8-bit RTN moves it a little.
+    # lm-eval 0.4.13's value for this choice (see test_scoring_real.py); the Q8_0 file in llama.cpp moves it a little.
     assert abs(first["baseline"]["loglikelihoods"][0] - -29.65350341796875) < 1e-4
     assert first["candidate"]["loglikelihoods"] != first["baseline"]["loglikelihoods"]
     assert "stage int8:" in stage.stdout and "llmgate: stage 'int8'" in stage.stdout

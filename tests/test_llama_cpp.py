@@ -182,3 +182,80 @@ def test_a_folder_with_several_gguf_files_must_name_one(tmp_path):
         (tmp_path / name).write_bytes(b"GGUF")
     with pytest.raises(ModelLoadError, match=r"several .*a\.gguf, b\.gguf.*gguf_file"):
         LlamaCppBackend(ModelSpec(name="m", backend="llama_cpp", path=str(tmp_path)), device="cpu", work_dir=tmp_path)
+
+
+GGUF_LADDER = """
+[tool.llmgate]
+baseline = "f16"
+tasks = ["hellaswag"]
+limit = 8
+data_dir = "{data}"
+shard_size = 4
+
+[tool.llmgate.models.f16]
+backend = "llama_cpp"
+transform = {{ method = "gguf", type = "F16" }}
+n_ctx = 1024
+
+[tool.llmgate.models.q8]
+backend = "llama_cpp"
+transform = {{ method = "gguf", type = "Q8_0" }}
+n_ctx = 1024
+
+[tool.llmgate.models.q4km]
+backend = "llama_cpp"
+transform = {{ method = "gguf", type = "Q4_K_M" }}
+n_ctx = 1024
+
+[[tool.llmgate.stages]]
+name = "q8"
+model = "q8"
+min_retention = 0.5
+
+[[tool.llmgate.stages]]
+name = "q4km"
+model = "q4km"
+min_retention = 0.5
+"""
+
+HELLASWAG_TEST = """
+import pytest
+
+@pytest.mark.llmgate("hellaswag")
+def test_hellaswag(llmgate_outcome):
+    pass
+"""
+
+
+def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets):
+    (pytester.path / "pyproject.toml").write_text(GGUF_LADDER.format(data=shared_datasets))
+    pytester.makepyfile(test_bench=HELLASWAG_TEST)
+    plain = pytester.runpytest("--stage=all", "-p", "no:xdist", "--llmgate-report=plain.json")
+    assert plain.ret == 0, plain.stdout.str()
+    report = json.loads((pytester.path / "plain.json").read_text())
+    assert {role: m["evaluated"] for role, m in report["models"].items()} == {"baseline": 8, "q8": 8, "q4km": 8}
+    # The K-quant stage says what llama.cpp's quantizer really wrote for SmolLM2's 576-wide rows.
+    assert any("not a multiple of 256" in note for note in report["models"]["q4km"]["notes"])
+    assert "fell back to" in plain.stdout.str()
+    assert (pytester.path / ".llmgate" / "gguf").is_dir()
+
+    dist = pytester.runpytest_subprocess("--stage=all", "-n", "2", "--llmgate-no-cache", "--llmgate-report=dist.json")
+    assert dist.ret == 0, dist.stdout.str()
+    spread = json.loads((pytester.path / "dist.json").read_text())
+    assert set(spread["workers"]) == {"gw0", "gw1"}
+
+    def loglikelihoods(data):
+        return {
+            (i["id"], role): side["loglikelihoods"]
+            for i in data["items"]
+            for role, side in [("baseline", i["baseline"]), *i["stages"].items()]
+        }
+
+    # Same numbers whatever the process: each worker reads the same files (built once, reused) into llama.cpp.
+    assert loglikelihoods(spread) == loglikelihoods(report)
+    assert spread["verdict"] == report["verdict"] and spread["exit_code"] == report["exit_code"] == 0
+
+    again = pytester.runpytest("--stage=q8", "-p", "no:xdist", "--llmgate-report=again.json")
+    assert again.ret == 0
+    cached = json.loads((pytester.path / "again.json").read_text())["models"]
+    assert cached["q8"]["evaluated"] == 0 and cached["q8"]["cached"] == 8

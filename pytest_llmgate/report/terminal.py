@@ -100,6 +100,7 @@ def render(
                 {},
             )
         )
+        out += [(f"  {note}", {"yellow": True}) for note in info.get("notes", ())]
     for note in notes:
         out.append((note, {"yellow": True}))
     if decision.stage == BASELINE_STAGE and stats:
