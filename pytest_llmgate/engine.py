@@ -169,6 +169,8 @@ class Engine:
                 raise
             # One bad item must not take its shard down: retry one by one, failing only the culprit.
             for entry in missing:
+                if (fingerprint, entry[0].qualified_id) in self._memo:
+                    continue  # stored as it arrived (a streaming backend) before the failure
                 try:
                     self._evaluate(role, backend, [entry])
                 except Exception as error:

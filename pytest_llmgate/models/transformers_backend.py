@@ -111,7 +111,7 @@ class TransformersBackend:
                 model = load_vptq_model(folder, device="cpu" if device == "cpu" else device)
             else:
                 # Evaluated as it is on the CPU, the model is never changed: no copy needed.
-                changes = bool(spec.transform) and spec.transform["method"] != "gguf"
+                changes = spec.transform is not None and spec.transform["method"] != "gguf"
                 model = _pretrained(
                     folder, gguf_file, spec.dtype, revision, private=changes or device != "cpu", pool=pool
                 )
