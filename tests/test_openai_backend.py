@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -485,3 +486,95 @@ def test_fingerprint_names_the_model_problem():
     nobody = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ModelLoadError, match=f"the server at {nobody} did not list its models.*start the server"):
         fingerprint_material(served(nobody, max_retries=0), "run-1")
+
+
+# --- the plugin end to end against servers on loopback ------------------------------------------------------
+
+SERVED_PROJECT = """
+[tool.llmgate]
+baseline = "served"
+tasks = ["{task}"]
+limit = {limit}
+data_dir = "{data}"
+shard_size = 2
+
+[tool.llmgate.models.served]
+backend = "openai"
+base_url = "{base_url}"
+revision = "smollm2-135m-instruct-q4_1"
+max_in_flight = 2
+"""
+
+SERVED_TESTS = """
+import pytest
+
+@pytest.mark.llmgate("gsm8k")
+def test_gsm8k(llmgate_outcome):
+    pass
+
+@pytest.mark.llmgate("arc_challenge")
+def test_arc(llmgate_outcome):
+    pass
+"""
+
+
+def _served_project(pytester: pytest.Pytester, base_url: str, data: Path, task: str, limit: int) -> None:
+    (pytester.path / "pyproject.toml").write_text(
+        SERVED_PROJECT.format(task=task, limit=limit, data=data, base_url=base_url)
+    )
+    pytester.makepyfile(test_bench=SERVED_TESTS)
+
+
+def test_gate_on_a_served_model_with_and_without_xdist(pytester, llama_server, shared_datasets):
+    _served_project(pytester, llama_server.base_url, shared_datasets, "gsm8k", 3)
+    plain = pytester.runpytest("--stage=baseline", "-p", "no:xdist", "--llmgate-report=plain.json")
+    assert plain.ret == 0, plain.stdout.str()
+    report = json.loads((pytester.path / "plain.json").read_text())
+    assert report["verdict"] == "baseline-recorded" and report["models"]["baseline"]["evaluated"] == 3
+    # Two workers share the one server; greedy completions are the same whoever asked.
+    dist = pytester.runpytest_subprocess(
+        "--stage=baseline", "-n", "2", "--llmgate-no-cache", "--llmgate-report=n2.json"
+    )
+    assert dist.ret == 0, dist.stdout.str()
+    spread = json.loads((pytester.path / "n2.json").read_text())
+    assert set(spread["workers"]) == {"gw0", "gw1"}
+
+    def completions(data: dict) -> dict:
+        return {i["id"]: i["baseline"]["completion"] for i in data["items"]}
+
+    assert completions(spread) == completions(report) and all(completions(report).values())
+    # A second run reads every answer from the cache: the revision says which weights the server serves.
+    again = pytester.runpytest("--stage=baseline", "-p", "no:xdist", "--llmgate-report=again.json")
+    assert again.ret == 0
+    assert json.loads((pytester.path / "again.json").read_text())["models"]["baseline"]["cached"] == 3
+
+
+def test_gate_refuses_loglikelihood_tasks_against_a_server_that_fails_the_self_check(
+    pytester, llama_server, shared_datasets
+):
+    _served_project(pytester, llama_server.base_url, shared_datasets, "arc_challenge", 2)
+    result = pytester.runpytest("--stage=baseline", "-p", "no:xdist", "--llmgate-report=report.json")
+    assert result.ret == 1  # harness errors: the items could not be evaluated
+    out = result.stdout.str()
+    assert "wrong or missing log-probabilities" in out and "generation tasks (gsm8k, humaneval, mbpp) do work" in out
+    assert json.loads((pytester.path / "report.json").read_text())["verdict"] == "incomplete"
+
+
+def test_gate_scores_loglikelihood_tasks_against_a_server_with_correct_echo(pytester, vllm_server, shared_datasets):
+    _served_project(pytester, vllm_server.base_url, shared_datasets, "arc_challenge", 4)
+    result = pytester.runpytest_subprocess("--stage=baseline", "-n", "2", "--llmgate-report=report.json")
+    assert result.ret == 0, result.stdout.str()
+    report = json.loads((pytester.path / "report.json").read_text())
+    first = next(i for i in report["items"] if i["id"] == "test-0")
+    # The same row through llama.cpp in process (tests/test_llama_cpp.py's reference): within float rounding.
+    spec = ModelSpec(name="direct", backend="llama_cpp")
+    from pytest_llmgate.models import load_backend
+    from pytest_llmgate.tasks import TASKS
+
+    items, _ = TASKS["arc_challenge"].load(shared_datasets, limit=1)
+    direct = load_backend(spec, device="cpu", work_dir=pytester.path, fingerprint="x", threads=1)
+    try:
+        expected = [value for value, _ in direct.loglikelihood(items[0].requests)]
+    finally:
+        direct.close()
+    assert first["baseline"]["loglikelihoods"] == pytest.approx(expected, abs=1e-3)
