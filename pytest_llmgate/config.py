@@ -36,7 +36,11 @@ GGUF_TYPES = (
 )  # fmt: skip
 # Keys that only one backend reads: a key given to another backend is a mistake, reported as such.
 LLAMA_CPP_KEYS = ("n_ctx", "n_threads", "n_gpu_layers")
-OPENAI_KEYS = ("base_url", "model", "api_key_env", "max_in_flight", "timeout", "max_retries", "reuse_cache")
+OPENAI_KEYS = (
+    "base_url", "model", "api_key_env", "max_in_flight", "timeout", "max_retries", "reuse_cache", "extra_body",
+)  # fmt: skip
+# Fields of a generation request the openai backend writes itself (extra_body may not set them).
+OPENAI_OWN_FIELDS = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "echo")
 POLICIES = ("point", "strict", "lenient")
 # Verdicts, declared once: a stage passes, breaches a threshold or fires a critical rule; a baseline run
 # records; a run that could not check everything is incomplete.
@@ -128,6 +132,7 @@ class ModelSpec:
     timeout: float = 300.0
     max_retries: int = 5
     reuse_cache: bool = False
+    extra_body: Mapping[str, Any] | None = None  # openai: server-specific fields added to each generation request
 
     def describe(self) -> str:
         """A short human description, for the terminal summary."""
@@ -282,7 +287,18 @@ def _openai_keys(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     reuse_cache = raw.get("reuse_cache", False)
     if not isinstance(reuse_cache, bool):
         raise _fail(f"{where}.reuse_cache", f"expected true or false, got {reuse_cache!r}")
+    extra_body = raw.get("extra_body")
+    if extra_body is not None:
+        extra_body = _table(extra_body, f"{where}.extra_body")
+        owned = next((key for key in extra_body if key in OPENAI_OWN_FIELDS), None)
+        if owned is not None:
+            raise _fail(
+                f"{where}.extra_body.{owned}",
+                "is set by llmgate from the task (max_gen_toks, temperature, top_p, seed, stop strings); "
+                "extra_body is for the server's own fields, e.g. { repeat_penalty = 1.0 }",
+            )
     return {
+        "extra_body": extra_body,
         "base_url": base_url.rstrip("/"),
         "model": raw.get("model"),
         "api_key_env": api_key_env,

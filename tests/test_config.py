@@ -116,6 +116,8 @@ def test_overrides_parse_toml_values():
     ({"models": {"m": {"backend": "openai", "base_url": "http://h/v1", "max_in_flight": 0}}},
      r"max_in_flight: expected a positive integer"),
     ({"models": {"m": {"backend": "openai", "base_url": "http://h/v1", "timeout": -1}}}, r"timeout: expected seconds"),
+    ({"models": {"m": {"backend": "openai", "base_url": "http://h/v1", "extra_body": {"temperature": 1}}}},
+     r"extra_body.temperature: is set by llmgate from the task"),
 ])
 def test_every_mistake_is_a_usage_error_naming_key_and_fix(raw, message):
     with pytest.raises(pytest.UsageError, match=message):

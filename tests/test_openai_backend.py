@@ -578,3 +578,22 @@ def test_gate_scores_loglikelihood_tasks_against_a_server_with_correct_echo(pyte
     finally:
         direct.close()
     assert first["baseline"]["loglikelihoods"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_greedy_text_matches_llama_cpp_in_process_once_the_servers_penalty_is_off(llama_server):
+    """llama-cpp-python's server applies repeat_penalty 1.1 by default, even at temperature 0; with the server's own
+    field set through extra_body its greedy text is the arg-max decode of backend = "llama_cpp" on the same file."""
+    from pytest_llmgate.models import load_backend
+
+    requests = [
+        GenerationRequest("Question: What is 12 + 7?\nAnswer:", until=("\n\n", "Question:"), max_gen_toks=40),
+        GenerationRequest("The three primary colours are", until=("\n",), max_gen_toks=40),
+    ]
+    backend = OpenAIBackend(served(llama_server.base_url, extra_body={"repeat_penalty": 1.0}))
+    direct = load_backend(ModelSpec(name="direct", backend="llama_cpp"), device="cpu", work_dir=Path("."),
+                          fingerprint="x", threads=1)
+    try:
+        assert backend.generate(requests) == direct.generate(requests)
+    finally:
+        backend.close()
+        direct.close()

@@ -94,6 +94,13 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=16, help="GSM8K items (default 16)")
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
+    parser.add_argument(
+        "--extra-body",
+        type=json.loads,
+        default=None,
+        help="server fields for each request, e.g. '{\"repeat_penalty\": 1.0}'",
+    )
+    parser.add_argument("--no-gate", action="store_true", help="skip the two gate runs")
     args = parser.parse_args()
 
     items, _ = TASKS["gsm8k"].load(DATA, limit=args.items)
@@ -105,7 +112,13 @@ def main() -> None:
         with running(llama_cpp_server_command(port), port, work / "server.log") as server:
             served = None
             for in_flight in args.in_flight:
-                spec = ModelSpec(name="served", backend="openai", base_url=server.base_url, max_in_flight=in_flight)
+                spec = ModelSpec(
+                    name="served",
+                    backend="openai",
+                    base_url=server.base_url,
+                    max_in_flight=in_flight,
+                    extra_body=args.extra_body,
+                )
                 seconds, completions, usage = _generate(spec, requests, work)
                 served = served or completions
                 results["in_flight"][in_flight] = {
@@ -120,6 +133,9 @@ def main() -> None:
                 "items_per_s": round(len(items) / direct_seconds, 3),
                 "identical_completions_to_server": sum(a == b for a, b in zip(direct, served or [], strict=True)),
             }
+            if args.no_gate:
+                results["gate_one_process_s"] = results["gate_n2_s"] = None
+                return _print(results, args, items)
             project = work / "project"
             project.mkdir()
             (project / "pyproject.toml").write_text(
@@ -128,8 +144,13 @@ def main() -> None:
             (project / "test_bench.py").write_text(GATE_TEST)
             results["gate_one_process_s"] = round(_gate(project, "-p", "no:xdist"), 1)
             results["gate_n2_s"] = round(_gate(project, "-n", "2"), 1)
+    _print(results, args, items)
+
+
+def _print(results: dict, args: argparse.Namespace, items: list) -> None:
     base = results["in_flight"][args.in_flight[0]]["seconds"]
-    print(f"GSM8K 5-shot greedy, {len(items)} items, llama-cpp-python server on 127.0.0.1 (2 threads)\n")
+    print(f"GSM8K 5-shot greedy, {len(items)} items, llama-cpp-python server on 127.0.0.1 (2 threads)")
+    print(f"extra_body: {args.extra_body}\n")
     print("| requests in flight | seconds | items/s | completion tokens/s | speed-up vs 1 | same completions |")
     print("|---|---|---|---|---|---|")
     for in_flight, row in results["in_flight"].items():

@@ -293,6 +293,7 @@ def fingerprint_material(spec: ModelSpec, run_id: str | None) -> dict[str, Any]:
         "reported": {name: entry[name] for name in REPORTED_FIELDS if name in entry},
         "revision": spec.revision,
         "protocol": PROTOCOL_VERSION,
+        "extra_body": dict(spec.extra_body or {}),
     }
     if spec.revision is None:
         log.warning(
@@ -600,6 +601,7 @@ class OpenAIBackend:
 
     def _complete(self, request: GenerationRequest, seed: int | None, stop: threading.Event) -> str:
         payload: dict[str, Any] = {
+            **(self.spec.extra_body or {}),  # the server's own fields (config extra_body); ours below win
             "model": self.model,
             "max_tokens": request.max_gen_toks,
             "temperature": request.temperature if seed is not None else 0.0,
