@@ -43,7 +43,13 @@ class ModelLoadError(Exception):
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the engine needs from a model."""
+    """What the engine needs from a model.
+
+    Optional, read with getattr: ``notes`` (lines about the model for the run's summary, e.g. a GGUF file's
+    quantizer fallbacks) and ``streams_results = True`` (then ``loglikelihood`` and ``generate`` also take
+    ``on_result(index, value)``, called in the calling thread as each request is answered, and the engine stores
+    each item as soon as it is whole: what a server answered survives a later failure).
+    """
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
         """(summed log-probability of the continuation, whether it is the greedy continuation) per request."""

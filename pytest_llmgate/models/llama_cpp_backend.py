@@ -100,10 +100,11 @@ class LlamaCppBackend:
         self.spec = spec
         source = gguf_path(spec)
         self.notes: list[str] = []
+        self.threads = spec.n_threads or threads or os.cpu_count() or 1
         if spec.transform:
             from .gguf_files import quantized_gguf
 
-            made = quantized_gguf(source, spec.transform["type"], work_dir)
+            made = quantized_gguf(source, spec.transform["type"], work_dir, threads=self.threads)
             self.path, self.notes = made.path, list(made.notes)
         else:
             self.path = source
@@ -118,7 +119,6 @@ class LlamaCppBackend:
             )
         trained = _context_length(self.path)
         n_ctx = spec.n_ctx or spec.max_length or min(trained or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
-        self.threads = spec.n_threads or threads or os.cpu_count() or 1
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(self.path),
