@@ -503,10 +503,11 @@ def _checked(raw: dict[str, Any], where: str) -> dict[str, Any]:
 class CriticalRule:
     """A rule whose breach means the model must not ship at any stage threshold."""
 
-    kind: str  # "retention_floor" | "combined_drop"
+    kind: str  # "retention_floor" | "combined_drop" | "score_floor"
     floor: float | None = None
     tasks: tuple[str, ...] = ()
     max_drop: float | None = None
+    min_score: float | None = None  # score_floor: the absolute score every task in scope must reach
 
     @property
     def label(self) -> str:
@@ -514,6 +515,9 @@ class CriticalRule:
         if self.kind == "retention_floor":
             scope = ", ".join(self.tasks) if self.tasks else "any task"
             return f"critical: {scope} below {self.floor:.0%} of baseline"
+        if self.kind == "score_floor":
+            scope = ", ".join(self.tasks) if self.tasks else "any task"
+            return f"critical: {scope} scoring below {self.min_score:.2f}"
         return f"critical: combined drop of {' + '.join(self.tasks)} above {self.max_drop:.0%}"
 
 
@@ -539,7 +543,16 @@ def _critical_rule(raw: Any, index: int) -> CriticalRule:
             tasks=_str_list(raw["tasks"], f"{where}.tasks"),
             max_drop=_fraction(raw["max_drop"], f"{where}.max_drop"),
         )
-    raise _fail(f"{where}.rule", f"{kind!r}: use 'retention_floor' or 'combined_drop'")
+    if kind == "score_floor":
+        _check_keys(raw, ("rule", "min_score", "tasks"), where)
+        if "min_score" not in raw:
+            raise _fail(where, "rule 'score_floor' needs min_score = 0.50 (the absolute score, a fraction)")
+        return CriticalRule(
+            kind,
+            min_score=_fraction(raw["min_score"], f"{where}.min_score"),
+            tasks=_str_list(raw.get("tasks", []), f"{where}.tasks"),
+        )
+    raise _fail(f"{where}.rule", f"{kind!r}: use 'retention_floor', 'combined_drop' or 'score_floor'")
 
 
 @dataclass(frozen=True)

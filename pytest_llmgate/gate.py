@@ -16,6 +16,7 @@ from .config import (
     CRITICAL,
     PASS,
     POLICIES,
+    CriticalRule,
     GateConfig,
     StageSpec,
 )
@@ -436,6 +437,8 @@ def _critical_rules(config: GateConfig, tasks: Mapping[str, TaskVerdict]) -> lis
                 else f"lowest retention {min(t.retention or 0.0 for t in checked):.3f} over {len(checked)} task(s)"
             )
             results.append(RuleResult(rule.label, not below, detail, critical=True))
+        elif rule.kind == "score_floor":
+            results.append(_score_floor(rule, tasks))
         else:
             present = [tasks[t] for t in rule.tasks if t in tasks and tasks[t].informative]
             missing = [t for t in rule.tasks if t not in tasks or not tasks[t].informative]
@@ -457,6 +460,25 @@ def _critical_rules(config: GateConfig, tasks: Mapping[str, TaskVerdict]) -> lis
                 detail += f" ({', '.join(missing)} not in this run or at chance)"
             results.append(RuleResult(rule.label, drop <= (rule.max_drop or 0.0), detail, critical=True))
     return results
+
+
+def _score_floor(rule: CriticalRule, tasks: Mapping[str, TaskVerdict]) -> RuleResult:
+    """Every task in scope (the listed ones, or all) scores at least ``min_score`` on the candidate.
+
+    An absolute floor does not depend on the baseline, so it applies to tasks at chance too; it is decided on
+    the point estimate, as a stage's ``min_score`` is.
+    """
+    floor = rule.min_score or 0.0
+    scope = [t for name, t in tasks.items() if not rule.tasks or name in rule.tasks]
+    if not scope:
+        return RuleResult(rule.label, True, "no task in scope evaluated in this run", critical=True, skipped=True)
+    below = [t for t in scope if t.score < floor]
+    detail = (
+        "; ".join(f"{t.task} score {t.score:.3f}" for t in below)
+        if below
+        else f"lowest score {min(t.score for t in scope):.3f} over {len(scope)} task(s)"
+    )
+    return RuleResult(rule.label, not below, detail, critical=True)
 
 
 def recommend(config: GateConfig, stage: StageSpec, verdict: StageVerdict) -> list[str]:

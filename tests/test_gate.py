@@ -62,6 +62,25 @@ def test_combined_drop_is_skipped_not_passed_silently_when_its_tasks_are_absent(
     assert rule.skipped and "not evaluated" in rule.detail
 
 
+def test_score_floor_is_critical_for_any_listed_task_below_an_absolute_score():
+    cfg = config(stages=[{"name": "s", "model": "a"}],
+                 critical=[{"rule": "score_floor", "tasks": ["truthfulqa_mc2"], "min_score": 0.5}])
+    ok = {"truthfulqa_mc2": stats("truthfulqa_mc2", 0.55, s=0.52), "hellaswag": stats("hellaswag", 0.5, s=0.1)}
+    result = evaluate_stage(cfg, cfg.stages[0], ok)
+    assert result.verdict == "pass"  # hellaswag is not in the rule's scope (and the stage has no floor on it)
+    [rule] = result.rules
+    assert rule.rule == "critical: truthfulqa_mc2 scoring below 0.50" and "lowest score 0.520" in rule.detail
+    low = evaluate_stage(cfg, cfg.stages[0], {"truthfulqa_mc2": stats("truthfulqa_mc2", 0.55, s=0.49)})
+    assert low.verdict == "critical" and low.exit_code == 11
+    assert "truthfulqa_mc2 score 0.490" in low.rules[0].detail
+    # Without tasks: every task; an absolute floor applies at chance too (it does not divide by the baseline).
+    every = config(stages=[{"name": "s", "model": "a"}], critical=[{"rule": "score_floor", "min_score": 0.3}])
+    at_chance = {"arc_challenge": stats("arc_challenge", 0.26, s=0.24)}
+    assert evaluate_stage(every, every.stages[0], at_chance).verdict == "critical"
+    with pytest.raises(pytest.UsageError, match="rule 'score_floor' needs min_score = 0.50"):
+        config(critical=[{"rule": "score_floor", "tasks": ["hellaswag"]}])
+
+
 def test_absolute_floor_and_band():
     cfg = config(stages=[{"name": "s", "model": "a", "min_score": 0.4, "score_band": [0.40, 0.48]}])
     assert evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.5, s=0.45)}).verdict == "pass"
