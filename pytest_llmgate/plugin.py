@@ -356,3 +356,29 @@ def llmgate_outcome(request: pytest.FixtureRequest, llmgate_item: Any) -> Any:
     worker = request.config.pluginmanager.get_plugin("llmgate-worker")
     assert worker is not None, "llmgate: a stage run registers its worker plugin in pytest_configure"
     return worker.evaluate(request, llmgate_item)
+
+
+@pytest.fixture(scope="session")
+def llmgate_model(request: pytest.FixtureRequest) -> Any:
+    """``llmgate_model(role)``: the loaded backend of a model of this run, for tests of your own (golden prompts,
+    latency, a custom metric). Roles are ``"baseline"`` and the stages the run evaluates (``--stage=X``: X, and
+    the previous rung when a step rule needs it); a model's name works too. The engine that evaluates the
+    benchmark items loads it, once per process (per xdist worker), and results of such tests are not cached.
+    Skipped without ``--stage``, like ``llmgate_outcome``.
+    """
+    from .state import STATE
+
+    state = request.config.stash.get(STATE, None)
+    if state is None or state.stage is None or state.engine is None:
+        pytest.skip(SKIP_REASON)
+    engine = state.engine
+
+    def model(role: str) -> Any:
+        by_name = {spec.name: r for r, spec in engine.roles.items()}
+        chosen = role if role in engine.roles else by_name.get(role)
+        if chosen is None:
+            known = ", ".join(sorted({*engine.roles, *by_name}))
+            raise LookupError(f"llmgate_model({role!r}): not a model of this run (--stage={state.stage}); use {known}")
+        return engine.backend(chosen)
+
+    return model

@@ -77,7 +77,7 @@ def test_score_floor_is_critical_for_any_listed_task_below_an_absolute_score():
     every = config(stages=[{"name": "s", "model": "a"}], critical=[{"rule": "score_floor", "min_score": 0.3}])
     at_chance = {"arc_challenge": stats("arc_challenge", 0.26, s=0.24)}
     assert evaluate_stage(every, every.stages[0], at_chance).verdict == "critical"
-    with pytest.raises(pytest.UsageError, match="rule 'score_floor' needs min_score = 0.50"):
+    with pytest.raises(pytest.UsageError, match=r"rule 'score_floor' needs min_score = 0\.50"):
         config(critical=[{"rule": "score_floor", "tasks": ["hellaswag"]}])
 
 

@@ -146,3 +146,34 @@ def test_data_edited_between_two_sessions_in_one_process_is_read_again(project):
     project.run("--stage=baseline", "--llmgate-report=report.json")
     # New rows, a new data hash: the task's results are evaluated again, not read from memory or the cache.
     assert project.report()["models"]["baseline"]["evaluated"] == 20
+
+
+MODEL_FIXTURE_TESTS = '''
+import pytest
+from pytest_llmgate.tasks.base import LoglikelihoodRequest
+
+def test_golden_prompt(llmgate_model):
+    baseline, candidate = llmgate_model("baseline"), llmgate_model("mild")
+    assert candidate is llmgate_model("good")  # the stage's model, by its name too
+    request = [LoglikelihoodRequest("Synthetic question 0?", " answer RIGHT")]
+    assert len(baseline.loglikelihood(request)) == len(candidate.loglikelihood(request)) == 1
+
+def test_unknown_role(llmgate_model):
+    with pytest.raises(LookupError, match=r"llmgate_model\\('nope'\\): not a model of this run \\(--stage=mild"):
+        llmgate_model("nope")
+'''
+
+
+def test_llmgate_model_gives_the_runs_loaded_backends_once_per_process(pytester, monkeypatch, tmp_path):
+    from doubles import LOADS_ENV
+
+    project = make_project(pytester, monkeypatch, items=8)
+    pytester.makepyfile(test_models=MODEL_FIXTURE_TESTS)
+    loads = tmp_path / "loads.txt"
+    monkeypatch.setenv(LOADS_ENV, str(loads))
+    result = project.run("--stage=mild", "-p", "no:xdist", "--llmgate-no-cache")
+    result.assert_outcomes(passed=10)
+    # The benchmark items and the user's tests share one load of each model.
+    assert sorted(line.split()[1] for line in loads.read_text().splitlines()) == ["base", "good"]
+    # Without --stage the fixture skips, as llmgate_outcome does.
+    project.run("-p", "no:xdist", "test_models.py").assert_outcomes(skipped=2)
