@@ -140,6 +140,7 @@ class GateController:
             session.exitstatus = exit_code
         items = self.tally.ordered()
         models, workers, notes = _summaries(items)
+        _add_sizes(models, state)
         self.rendered = render(
             decision,
             stats,
@@ -222,3 +223,23 @@ def _summaries(items: list[ItemOutcome]) -> tuple[dict[str, dict[str, Any]], dic
             loads[name] = max(loads.get(name, 0), count)
         notes.extend(note for note in outcome.notes if note not in notes)
     return models, workers, notes
+
+
+def _add_sizes(models: dict[str, dict[str, Any]], state: RunState) -> None:
+    """Each evaluated model's size as deployed (``models.size``), and its compression ratio against the baseline.
+
+    Read from the model files; a size that cannot be read is reported as unknown with the reason, never fatal.
+    """
+    from .models.size import model_size, with_ratios
+
+    sizes = {}
+    for role, info in models.items():
+        spec = state.roles.get(role)
+        if spec is None:
+            continue
+        try:
+            sizes[role] = model_size(spec, state.work_dir, info["fingerprint"])
+        except Exception as error:
+            sizes[role] = {"size_bytes": None, "size_of": f"could not be read: {type(error).__name__}: {error}"}
+    for role, figures in with_ratios(sizes, BASELINE_STAGE).items():
+        models[role].update(figures)

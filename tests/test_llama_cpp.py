@@ -237,6 +237,12 @@ def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets
     # The K-quant stage says what llama.cpp's quantizer really wrote for SmolLM2's 576-wide rows.
     assert any("not a multiple of 256" in note for note in report["models"]["q4km"]["notes"])
     assert "fell back to" in plain.stdout.str()
+    # Sizes as deployed, read from the files: F16 -> Q8_0 is 1.87x smaller; the fallback-ridden "Q4_K_M" 2.6x, not 3.5x.
+    sizes = {role: (m["size_kind"], m["compression_ratio"]) for role, m in report["models"].items()}
+    assert sizes["baseline"] == ("measured", 1.0)
+    assert sizes["q8"][0] == "measured" and 1.8 < sizes["q8"][1] < 1.95
+    assert 2.4 < sizes["q4km"][1] < 2.7
+    assert "x smaller than the baseline" in plain.stdout.str()
     assert (pytester.path / ".llmgate" / "gguf").is_dir()
 
     dist = pytester.runpytest_subprocess("--stage=all", "-n", "2", "--llmgate-no-cache", "--llmgate-report=dist.json")

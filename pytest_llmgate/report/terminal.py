@@ -100,6 +100,7 @@ def render(
                 {},
             )
         )
+        out += [(f"  {line}", {}) for line in size_lines(info)]
         out += [(f"  {note}", {"yellow": True}) for note in info.get("notes", ())]
     for note in notes:
         out.append((note, {"yellow": True}))
@@ -196,3 +197,19 @@ def plan_lines(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, bool]]]:
         )
     )
     return out
+
+
+def size_lines(info: Mapping[str, Any]) -> list[str]:
+    """The model's size as deployed, when known: bytes, what was measured, bits per weight, compression ratio."""
+    size = info.get("size_bytes")
+    if not size:
+        return []
+    parts = [f"size {size / 1e6:.1f} MB ({info.get('size_kind')}: {info.get('size_of')})"]
+    if info.get("bits_per_weight"):
+        parts.append(f"{info['bits_per_weight']:.2f} bits/weight")
+    ratio = info.get("compression_ratio")
+    if ratio and ratio != 1.0:
+        parts.append(
+            f"{ratio:.2f}x smaller than the baseline" if ratio > 1 else f"{1 / ratio:.2f}x larger than the baseline"
+        )
+    return [", ".join(parts)]

@@ -1,0 +1,162 @@
+"""The size of each model of a run as it is deployed: bytes, parameters, bits per weight.
+
+Read from the files the run evaluated (never from a loaded model), so a run whose results all come from the
+cache reports the same sizes as the run that computed them:
+
+- a GGUF file run by llama.cpp, or written by a ``gguf`` transform: the file's bytes (``measured``);
+- a VPTQ checkpoint (the ``vptq`` backend's folder, or the one a ``vptq`` transform built): its weight files;
+- a model folder in PyTorch: its weight files (``measured``); a GGUF file dequantized into PyTorch: the dense
+  copy it becomes, parameters x the dtype's bytes (``nominal``);
+- a round-to-nearest fake-quantized model: what it would take packed (``nominal``): the decoder-layer linear
+  weights at ``bits`` each plus one float16 scale per group, everything else in float16;
+- a served model or a backend of your own: unknown (``None``), the JSON says why.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelSpec
+from . import file_sha256
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_DTYPE_BYTES = {"float32": 4, "auto": 4, "bfloat16": 2, "float16": 2}
+# Decoder-layer linear weights (what rtn quantizes), as GGUF and Hugging Face name them.
+_GGUF_LINEAR = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+_HF_LINEAR = re.compile(r"^model\.layers\.\d+\..*_proj\.weight$")
+
+
+def _gguf_tensors(path: Path) -> list[tuple[str, list[int]]]:
+    """(name, shape in GGUF order) of every tensor of a GGUF file, read from its header."""
+    from gguf import GGUFReader
+
+    return [(t.name, [int(n) for n in t.shape]) for t in GGUFReader(path).tensors]
+
+
+def _safetensors_tensors(folder: Path) -> list[tuple[str, list[int]]]:
+    """(name, shape) of every tensor in a folder's safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    found = []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as handle:
+            found += [(name, list(handle.get_slice(name).get_shape())) for name in handle.keys()]  # noqa: SIM118
+    return found
+
+
+def _count(shape: list[int]) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+
+
+def _sized(size_bytes: int, kind: str, params: int | None, what: str) -> dict[str, Any]:
+    return {
+        "size_bytes": int(size_bytes),
+        "size_kind": kind,
+        "params": params,
+        "bits_per_weight": round(8 * size_bytes / params, 3) if params else None,
+        "size_of": what,
+    }
+
+
+def _unknown(why: str) -> dict[str, Any]:
+    return {"size_bytes": None, "size_kind": None, "params": None, "bits_per_weight": None, "size_of": why}
+
+
+def model_size(spec: ModelSpec, work_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """The size figures of ``spec`` as this run evaluated it (``size_bytes`` None, and why, when unknown)."""
+    if spec.backend == "openai":
+        return _unknown("a served model: its size is not visible through the API")
+    if ":" in spec.backend:
+        return _unknown(f"a backend of your own ({spec.backend})")
+    from . import resolve_local
+    from .llama_cpp_backend import gguf_path
+
+    transform: dict[str, Any] = dict(spec.transform or {})
+    method = transform.get("method")
+    if spec.backend == "vptq" or method == "vptq":
+        folder = resolve_local(spec)[0] if spec.backend == "vptq" else work_dir / "models" / fingerprint
+        if not folder.is_dir():
+            return _unknown(f"the VPTQ checkpoint {folder} is not on this machine")
+        params = None
+        if method == "vptq":
+            params = _params(*resolve_local(spec))
+        return _sized(_weights_bytes(folder), "measured", params, "VPTQ checkpoint files")
+    if method == "gguf" or spec.backend == "llama_cpp":
+        source = gguf_path(spec)
+        path = source
+        if method == "gguf":
+            kind = str(transform["type"]).upper()
+            built = work_dir / "gguf" / file_sha256(source)[:16] / f"{kind}.gguf"
+            path = built if built.is_file() else source if _source_type(source) == kind else built
+            if not path.is_file():
+                return _unknown(f"the {kind} file is not built on this machine yet")
+        tensors = _gguf_tensors(path)
+        return _sized(path.stat().st_size, "measured", sum(_count(s) for _, s in tensors), f"GGUF file {path.name}")
+    folder, gguf_file = resolve_local(spec)
+    dtype_bytes = _DTYPE_BYTES[spec.dtype]
+    if method == "rtn":
+        tensors = _tensors(folder, gguf_file)
+        bits, group = int(transform["bits"]), int(transform.get("group_size", 128))
+        linear_re = _GGUF_LINEAR if gguf_file else _HF_LINEAR
+        packed = 0
+        params = 0
+        for name, shape in tensors:
+            n = _count(shape)
+            params += n
+            if linear_re.match(name):
+                columns = shape[0] if gguf_file else shape[-1]
+                groups = (n // columns) * -(-columns // group)
+                packed += n * bits + groups * 16
+            else:
+                packed += n * 16
+        return _sized(
+            packed // 8,
+            "nominal",
+            params,
+            f"round-to-nearest packed: decoder linears at {bits} bits + a float16 scale per group, the rest float16",
+        )
+    if gguf_file:
+        params = sum(_count(s) for _, s in _gguf_tensors(folder / gguf_file))
+        return _sized(params * dtype_bytes, "nominal", params, f"dense {spec.dtype} copy of {gguf_file}")
+    tensors = _safetensors_tensors(folder)
+    return _sized(
+        _weights_bytes(folder), "measured", sum(_count(s) for _, s in tensors) or None, f"weight files in {folder.name}"
+    )
+
+
+def _source_type(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    from .gguf_files import _source_type as source_type
+
+    return source_type(GGUFReader(path))
+
+
+def _tensors(folder: Path, gguf_file: str | None) -> list[tuple[str, list[int]]]:
+    return _gguf_tensors(folder / gguf_file) if gguf_file else _safetensors_tensors(folder)
+
+
+def _params(folder: Path, gguf_file: str | None) -> int | None:
+    tensors = _tensors(folder, gguf_file)
+    return sum(_count(s) for _, s in tensors) or None
+
+
+def with_ratios(sizes: dict[str, dict[str, Any]], baseline_role: str) -> dict[str, dict[str, Any]]:
+    """Each role's figures plus ``compression_ratio``: the baseline's bytes / the role's (None when unknown)."""
+    base = sizes.get(baseline_role, {}).get("size_bytes")
+    return {
+        role: {
+            **figures,
+            "compression_ratio": round(base / figures["size_bytes"], 3) if base and figures.get("size_bytes") else None,
+        }
+        for role, figures in sizes.items()
+    }
