@@ -230,6 +230,7 @@ def _add_sizes(models: dict[str, dict[str, Any]], state: RunState) -> None:
 
     Read from the model files; a size that cannot be read is reported as unknown with the reason, never fatal.
     """
+    from .models import file_sha256
     from .models.size import model_size, with_ratios
 
     sizes = {}
@@ -238,7 +239,9 @@ def _add_sizes(models: dict[str, dict[str, Any]], state: RunState) -> None:
         if spec is None:
             continue
         try:
-            sizes[role] = model_size(spec, state.work_dir, info["fingerprint"])
+            cache = state.engine.cache if state.engine is not None else None
+            digest = cache.file_digest if cache is not None else file_sha256
+            sizes[role] = model_size(spec, state.work_dir, info["fingerprint"], digest)
         except Exception as error:
             sizes[role] = {"size_bytes": None, "size_of": f"could not be read: {type(error).__name__}: {error}"}
     for role, figures in with_ratios(sizes, BASELINE_STAGE).items():

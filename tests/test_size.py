@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pytest_llmgate.config import ModelSpec
@@ -29,6 +31,10 @@ def test_gguf_files_are_measured_and_unbuilt_ones_are_unknown(tmp_path):
     shipped = model_size(ModelSpec(name="m", backend="llama_cpp"), tmp_path, "x")
     assert shipped["size_kind"] == "measured" and shipped["size_bytes"] == (folder / name).stat().st_size
     assert shipped["params"] == PARAMS and 5.5 < shipped["bits_per_weight"] < 6.0
+    # The header's tensor shapes are kept by the file's identity: a second run does not parse the tokenizer again.
+    memo = json.loads((tmp_path / "gguf" / "tensors.json").read_text())
+    assert [key.split("|")[0] for key in memo] == [str((folder / name).resolve())]
+    assert model_size(ModelSpec(name="m", backend="llama_cpp"), tmp_path, "x") == shipped
     # The same type as the source: the source file itself.
     same = model_size(
         ModelSpec(name="m", backend="llama_cpp", transform={"method": "gguf", "type": "Q4_1"}), tmp_path, "x"

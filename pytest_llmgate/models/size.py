@@ -14,7 +14,10 @@ cache reports the same sizes as the run that computed them:
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,40 @@ _GGUF_LINEAR = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gat
 _HF_LINEAR = re.compile(r"^model\.layers\.\d+\..*_proj\.weight$")
 
 
-def _gguf_tensors(path: Path) -> list[tuple[str, list[int]]]:
-    """(name, shape in GGUF order) of every tensor of a GGUF file, read from its header."""
+_TENSOR_MEMO = "tensors.json"  # under <work dir>/gguf/: GGUF headers already read, by file identity
+
+
+def _gguf_tensors(path: Path, work_dir: Path | None = None) -> list[tuple[str, list[int]]]:
+    """(name, shape in GGUF order) of every tensor of a GGUF file, read from its header.
+
+    Reading a header parses the whole tokenizer (seconds for a 49k vocabulary), so the shapes are kept in
+    ``<work dir>/gguf/tensors.json`` by the file's identity and change time (``file_stamp``) and read again only
+    when the file changes.
+    """
     from gguf import GGUFReader
 
-    return [(t.name, [int(n) for n in t.shape]) for t in GGUFReader(path).tensors]
+    from ..tasks.data import file_stamp
+
+    memo_path = work_dir / "gguf" / _TENSOR_MEMO if work_dir is not None else None
+    key = f"{path.resolve()}|{':'.join(map(str, file_stamp(path)))}"
+    memo: dict[str, Any] = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}  # a broken memo is rebuilt
+    if key in memo:
+        return [(name, shape) for name, shape in memo[key]]
+    tensors = [(t.name, [int(n) for n in t.shape]) for t in GGUFReader(path).tensors]
+    if memo_path is not None:
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps({**memo, key: tensors}))
+            os.replace(temporary, memo_path)
+        except OSError:
+            pass  # a read-only work dir: read the header again next time
+    return tensors
 
 
 def _safetensors_tensors(folder: Path) -> list[tuple[str, list[int]]]:
@@ -71,8 +103,14 @@ def _unknown(why: str) -> dict[str, Any]:
     return {"size_bytes": None, "size_kind": None, "params": None, "bits_per_weight": None, "size_of": why}
 
 
-def model_size(spec: ModelSpec, work_dir: Path, fingerprint: str) -> dict[str, Any]:
-    """The size figures of ``spec`` as this run evaluated it (``size_bytes`` None, and why, when unknown)."""
+def model_size(
+    spec: ModelSpec, work_dir: Path, fingerprint: str, digest: Callable[[Path], str] = file_sha256
+) -> dict[str, Any]:
+    """The size figures of ``spec`` as this run evaluated it (``size_bytes`` None, and why, when unknown).
+
+    ``digest``: a file's sha256, e.g. the result cache's memo (``ResultCache.file_digest``), which finds the
+    GGUF files a ``gguf`` transform built.
+    """
     if spec.backend == "openai":
         return _unknown("a served model: its size is not visible through the API")
     if ":" in spec.backend:
@@ -88,23 +126,23 @@ def model_size(spec: ModelSpec, work_dir: Path, fingerprint: str) -> dict[str, A
             return _unknown(f"the VPTQ checkpoint {folder} is not on this machine")
         params = None
         if method == "vptq":
-            params = _params(*resolve_local(spec))
+            params = _params(*resolve_local(spec), work_dir)
         return _sized(_weights_bytes(folder), "measured", params, "VPTQ checkpoint files")
     if method == "gguf" or spec.backend == "llama_cpp":
         source = gguf_path(spec)
         path = source
         if method == "gguf":
             kind = str(transform["type"]).upper()
-            built = work_dir / "gguf" / file_sha256(source)[:16] / f"{kind}.gguf"
+            built = work_dir / "gguf" / digest(source)[:16] / f"{kind}.gguf"
             path = built if built.is_file() else source if _source_type(source) == kind else built
             if not path.is_file():
                 return _unknown(f"the {kind} file is not built on this machine yet")
-        tensors = _gguf_tensors(path)
+        tensors = _gguf_tensors(path, work_dir)
         return _sized(path.stat().st_size, "measured", sum(_count(s) for _, s in tensors), f"GGUF file {path.name}")
     folder, gguf_file = resolve_local(spec)
     dtype_bytes = _DTYPE_BYTES[spec.dtype]
     if method == "rtn":
-        tensors = _tensors(folder, gguf_file)
+        tensors = _tensors(folder, gguf_file, work_dir)
         bits, group = int(transform["bits"]), int(transform.get("group_size", 128))
         linear_re = _GGUF_LINEAR if gguf_file else _HF_LINEAR
         packed = 0
@@ -125,7 +163,7 @@ def model_size(spec: ModelSpec, work_dir: Path, fingerprint: str) -> dict[str, A
             f"round-to-nearest packed: decoder linears at {bits} bits + a float16 scale per group, the rest float16",
         )
     if gguf_file:
-        params = sum(_count(s) for _, s in _gguf_tensors(folder / gguf_file))
+        params = sum(_count(s) for _, s in _gguf_tensors(folder / gguf_file, work_dir))
         return _sized(params * dtype_bytes, "nominal", params, f"dense {spec.dtype} copy of {gguf_file}")
     tensors = _safetensors_tensors(folder)
     return _sized(
@@ -141,12 +179,12 @@ def _source_type(path: Path) -> str | None:
     return source_type(GGUFReader(path))
 
 
-def _tensors(folder: Path, gguf_file: str | None) -> list[tuple[str, list[int]]]:
-    return _gguf_tensors(folder / gguf_file) if gguf_file else _safetensors_tensors(folder)
+def _tensors(folder: Path, gguf_file: str | None, work_dir: Path) -> list[tuple[str, list[int]]]:
+    return _gguf_tensors(folder / gguf_file, work_dir) if gguf_file else _safetensors_tensors(folder)
 
 
-def _params(folder: Path, gguf_file: str | None) -> int | None:
-    tensors = _tensors(folder, gguf_file)
+def _params(folder: Path, gguf_file: str | None, work_dir: Path) -> int | None:
+    tensors = _tensors(folder, gguf_file, work_dir)
     return sum(_count(s) for _, s in tensors) or None
 
 
