@@ -131,6 +131,25 @@ def encode_text(tokenizer: Any, text: str, marker: str | None, add_bos_token: bo
     return [bos, *tokens] if add_bos_token and bos is not None else tokens
 
 
+def encode_pair(
+    encode: Callable[[str], list[int]], prefix_token_id: int, context: str, continuation: str
+) -> tuple[list[int], list[int]]:
+    """lm-eval's _encode_pair, for any tokenizer's ``encode``: (context tokens, continuation tokens).
+
+    The context's trailing whitespace moves to the continuation; the pair is encoded whole and the continuation
+    is what follows the context's tokens; an empty context is the prefix token (BOS, else EOS) alone.
+    """
+    if context == "":
+        return [prefix_token_id], encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(context + continuation)
+    context_tokens = encode(context)
+    return context_tokens, whole[len(context_tokens) :]
+
+
 def encode_context(tokenizer: Any, text: str, max_tokens: int, add_bos_token: bool | None = None) -> list[int]:
     """lm-eval's tok_batch_encode for a causal model (:func:`encode_text`; the marker is the tokenizer's
     BOS token), then the last ``max_tokens`` tokens."""

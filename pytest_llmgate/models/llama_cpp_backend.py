@@ -32,7 +32,7 @@ import numpy as np
 from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 from . import ModelLoadError, resolve_local
-from .generation import ChatTemplateMissing, cut_at_stops, sample_seed, stop_strings
+from .generation import ChatTemplateMissing, cut_at_stops, encode_pair, sample_seed, stop_strings
 
 log = logging.getLogger("pytest_llmgate")
 
@@ -167,15 +167,7 @@ class LlamaCppBackend:
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-eval's _encode_pair: (context tokens, continuation tokens)."""
-        if context == "":
-            return [self.prefix_token_id], self._encode(continuation)
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces > 0:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        whole = self._encode(context + continuation)
-        context_tokens = self._encode(context)
-        return context_tokens, whole[len(context_tokens) :]
+        return encode_pair(self._encode, self.prefix_token_id, context, continuation)
 
     def _context_text(self, request: LoglikelihoodRequest | GenerationRequest) -> str:
         """The request's text, or its chat messages through the GGUF file's chat template."""

@@ -18,7 +18,7 @@ from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 from . import ModelLoadError, ModelPool, resolve_local
 from .batching import CPU_GENERATION_TOKENS, BatchSizer
-from .generation import encode_text, generate_completions, render_chat
+from .generation import encode_pair, encode_text, generate_completions, render_chat
 from .kv_scoring import KVScorer, span_scores
 
 log = logging.getLogger("pytest_llmgate")
@@ -173,15 +173,7 @@ class TransformersBackend:
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-eval's _encode_pair: (context tokens, continuation tokens)."""
-        if context == "":
-            return [self.prefix_token_id], self._encode(continuation)
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces > 0:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        whole = self._encode(context + continuation)
-        context_tokens = self._encode(context)
-        return context_tokens, whole[len(context_tokens) :]
+        return encode_pair(self._encode, self.prefix_token_id, context, continuation)
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
         """Summed continuation log-probability and greedy flag per request.
