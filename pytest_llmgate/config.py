@@ -438,6 +438,10 @@ class StageSpec:
     tasks: Mapping[str, Thresholds] = field(default_factory=dict)
     bits: float | None = None
     description: str = ""
+    # Size as deployed (models.size): at most this many megabytes (10**6 bytes), at least this many times smaller
+    # than the baseline. None: the rule is off.
+    max_size_mb: float | None = None
+    min_compression_ratio: float | None = None
 
     def thresholds_for(self, task: str, task_groups: Iterable[str]) -> Thresholds:
         """Stage defaults, then each of the task's groups in config order, then the task itself."""
@@ -450,7 +454,8 @@ class StageSpec:
         return merged
 
 
-_STAGE_KEYS = ("name", "model", "bits", "description", "groups", "tasks", *_THRESHOLD_KEYS)
+_SIZE_KEYS = ("max_size_mb", "min_compression_ratio")
+_STAGE_KEYS = ("name", "model", "bits", "description", "groups", "tasks", *_THRESHOLD_KEYS, *_SIZE_KEYS)
 
 
 def _stage_spec(raw: Any, index: int, base: StageSpec | None = None) -> StageSpec:
@@ -481,9 +486,18 @@ def _stage_spec(raw: Any, index: int, base: StageSpec | None = None) -> StageSpe
     model = raw.get("model")
     if model is not None and not isinstance(model, str):
         raise _fail(f"{where}.model", "expected the name of a model in [tool.llmgate.models]")
+    sizes: dict[str, float] = {}
+    for key in _SIZE_KEYS:
+        value = raw.get(key)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise _fail(f"{where}.{key}", f"expected a positive number, got {value!r}")
+            sizes[key] = float(value)
     if base is None:
-        return StageSpec(name, model, defaults, groups, tasks, bits, str(raw.get("description", "")))
+        return StageSpec(name, model, defaults, groups, tasks, bits, str(raw.get("description", "")), **sizes)
     return StageSpec(
+        max_size_mb=sizes.get("max_size_mb", base.max_size_mb),
+        min_compression_ratio=sizes.get("min_compression_ratio", base.min_compression_ratio),
         name=name,
         model=model if model is not None else base.model,
         defaults=base.defaults.merged(defaults),

@@ -131,16 +131,16 @@ class GateController:
         if self.config.option.collectonly:
             return
         stats = self.tally.task_stats(state.gate.confidence)
-        decision = decide_run(state.gate, state.stage, stats, adaptive=state.adaptive)
+        items = self.tally.ordered()
+        models, workers, notes = _summaries(items)
+        _add_sizes(models, state)
+        decision = decide_run(state.gate, state.stage, stats, adaptive=state.adaptive, sizes=models)
         unchecked = self._unchecked(stats, [v.stage for v in decision.stages])
         problems = self._problems(session, unchecked)
         exit_code = int(session.exitstatus)
         if exit_code == 0:
             exit_code = EXIT_UNCHECKED if unchecked else decision.exit_code
             session.exitstatus = exit_code
-        items = self.tally.ordered()
-        models, workers, notes = _summaries(items)
-        _add_sizes(models, state)
         self.rendered = render(
             decision,
             stats,

@@ -281,11 +281,14 @@ def evaluate_stage(
     stage: StageSpec,
     stats: Mapping[str, TaskStats],
     adaptive: Mapping[str, Mapping[str, Any]] | None = None,
+    sizes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> StageVerdict:
     """Check every threshold and critical rule of ``stage`` on the per-task statistics.
 
     ``adaptive`` holds the tasks an anytime-valid sequence resolved early (--llmgate-adaptive): their
     retention floor is decided by that sequence, not by the fixed-n rule on the items that ran.
+    ``sizes``: each role's size figures (``models.size.model_size`` with ``compression_ratio``), for the
+    stage's ``max_size_mb`` and ``min_compression_ratio``.
     """
     index = [s.name for s in config.stages].index(stage.name)
     previous = config.stages[index - 1].name if index > 0 else BASELINE_STAGE
@@ -385,6 +388,7 @@ def evaluate_stage(
             evidence=evidence,
         )
     tasks = _holm_across_tasks(tasks)
+    rules.extend(_size_rules(stage, (sizes or {}).get(stage.name)))
     rules.extend(_critical_rules(config, tasks))
     if any(r.critical and not r.passed for r in rules):
         verdict = CRITICAL
@@ -394,6 +398,34 @@ def evaluate_stage(
         verdict = PASS
     result = StageVerdict(stage.name, verdict, tasks, tuple(rules))
     return StageVerdict(stage.name, verdict, tasks, tuple(rules), tuple(recommend(config, stage, result)))
+
+
+def _size_rules(stage: StageSpec, size: Mapping[str, Any] | None) -> list[RuleResult]:
+    """``max_size_mb`` and ``min_compression_ratio`` on the stage model's size as deployed.
+
+    A size is not noisy: the figure decides. A size that could not be read fails its rule, saying why: a rule
+    nobody could check must not pass.
+    """
+    results = []
+    size_bytes = (size or {}).get("size_bytes")
+    unknown = f"size unknown: {(size or {}).get('size_of') or 'the stage model was not evaluated'}"
+    if stage.max_size_mb is not None:
+        label = f"size <= {stage.max_size_mb:g} MB"
+        if size_bytes is None:
+            results.append(RuleResult(label, False, unknown))
+        else:
+            detail = f"{size_bytes / 1e6:.1f} MB ({size.get('size_kind')}: {size.get('size_of')})"  # type: ignore[union-attr]
+            results.append(RuleResult(label, size_bytes / 1e6 <= stage.max_size_mb, detail))
+    if stage.min_compression_ratio is not None:
+        label = f"compression >= {stage.min_compression_ratio:g}x"
+        ratio = (size or {}).get("compression_ratio")
+        if ratio is None:
+            results.append(RuleResult(label, False, unknown if size_bytes is None else "baseline size unknown"))
+        else:
+            results.append(
+                RuleResult(label, ratio >= stage.min_compression_ratio, f"{ratio:.2f}x smaller than the baseline")
+            )
+    return results
 
 
 def _holm_across_tasks(tasks: dict[str, TaskVerdict]) -> dict[str, TaskVerdict]:
@@ -548,13 +580,14 @@ def decide_run(
     stage: str,
     stats: Mapping[str, TaskStats],
     adaptive: Mapping[str, Mapping[str, Any]] | None = None,
+    sizes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RunDecision:
-    """The decision for ``--stage=stage`` on the collected statistics."""
+    """The decision for ``--stage=stage`` on the collected statistics (and the models' sizes, by role)."""
     if stage == BASELINE_STAGE:
         return RunDecision(stage, BASELINE_RECORDED, 0, ())
     if stage == ALL_STAGES:
-        ladder = decide_ladder([evaluate_stage(config, s, stats) for s in config.stages])
+        ladder = decide_ladder([evaluate_stage(config, s, stats, sizes=sizes) for s in config.stages])
         verdict = PASS if ladder.selected else ladder.reference.verdict
         return RunDecision(stage, verdict, ladder.exit_code, tuple(ladder.verdicts), ladder.selected)
-    result = evaluate_stage(config, config.stage(stage), stats, adaptive)
+    result = evaluate_stage(config, config.stage(stage), stats, adaptive, sizes)
     return RunDecision(stage, result.verdict, result.exit_code, (result,))

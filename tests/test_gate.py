@@ -81,6 +81,28 @@ def test_score_floor_is_critical_for_any_listed_task_below_an_absolute_score():
         config(critical=[{"rule": "score_floor", "tasks": ["hellaswag"]}])
 
 
+def test_size_gates_on_the_stage_models_deployed_size():
+    cfg = config(stages=[{"name": "s", "model": "a", "max_size_mb": 100, "min_compression_ratio": 4}])
+    st = {"hellaswag": stats("hellaswag", 0.5, s=0.5)}
+    small = {"s": {"size_bytes": 91_726_912, "size_kind": "measured", "size_of": "GGUF file Q4_0.gguf",
+                   "compression_ratio": 5.866}}
+    ok = evaluate_stage(cfg, cfg.stages[0], st, sizes=small)
+    assert ok.verdict == "pass"
+    assert [(r.rule, r.detail) for r in ok.rules] == [
+        ("size <= 100 MB", "91.7 MB (measured: GGUF file Q4_0.gguf)"),
+        ("compression >= 4x", "5.87x smaller than the baseline")]
+    large = {"s": {**small["s"], "size_bytes": 144_811_072, "compression_ratio": 3.716}}
+    assert [r.rule for r in evaluate_stage(cfg, cfg.stages[0], st, sizes=large).rules if not r.passed] == [
+        "size <= 100 MB", "compression >= 4x"]
+    # A size nobody could read fails its rule, saying why: a rule that was not checked never passes.
+    served = {"s": {"size_bytes": None, "size_of": "a served model: its size is not visible through the API"}}
+    unknown = evaluate_stage(cfg, cfg.stages[0], st, sizes=served)
+    assert unknown.verdict == "breach" and "size unknown: a served model" in unknown.rules[0].detail
+    assert decide_run(cfg, "s", st, sizes=small).exit_code == 0
+    with pytest.raises(pytest.UsageError, match=r"stage 's'.max_size_mb: expected a positive number"):
+        config(stages=[{"name": "s", "model": "a", "max_size_mb": 0}])
+
+
 def test_absolute_floor_and_band():
     cfg = config(stages=[{"name": "s", "model": "a", "min_score": 0.4, "score_band": [0.40, 0.48]}])
     assert evaluate_stage(cfg, cfg.stages[0], {"hellaswag": stats("hellaswag", 0.5, s=0.45)}).verdict == "pass"

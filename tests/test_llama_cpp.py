@@ -211,6 +211,8 @@ n_ctx = 1024
 name = "q8"
 model = "q8"
 min_retention = 0.5
+max_size_mb = 200
+min_compression_ratio = 1.5
 
 [[tool.llmgate.stages]]
 name = "q4km"
@@ -243,6 +245,10 @@ def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets
     assert sizes["q8"][0] == "measured" and 1.8 < sizes["q8"][1] < 1.95
     assert 2.4 < sizes["q4km"][1] < 2.7
     assert "x smaller than the baseline" in plain.stdout.str()
+    size_rules = {
+        r["rule"]: r["passed"] for r in report["stages"]["q8"]["rules"] if r["rule"].startswith(("size", "compression"))
+    }
+    assert size_rules == {"size <= 200 MB": True, "compression >= 1.5x": True}
     assert (pytester.path / ".llmgate" / "gguf").is_dir()
 
     dist = pytester.runpytest_subprocess("--stage=all", "-n", "2", "--llmgate-no-cache", "--llmgate-report=dist.json")
