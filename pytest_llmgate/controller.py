@@ -233,14 +233,14 @@ def _add_sizes(models: dict[str, dict[str, Any]], state: RunState) -> None:
     from .models import file_sha256
     from .models.size import model_size, with_ratios
 
+    cache = state.engine.cache if state.engine is not None else None
+    digest = cache.file_digest if cache is not None else file_sha256
     sizes = {}
     for role, info in models.items():
         spec = state.roles.get(role)
         if spec is None:
             continue
         try:
-            cache = state.engine.cache if state.engine is not None else None
-            digest = cache.file_digest if cache is not None else file_sha256
             sizes[role] = model_size(spec, state.work_dir, info["fingerprint"], digest)
         except Exception as error:
             sizes[role] = {"size_bytes": None, "size_of": f"could not be read: {type(error).__name__}: {error}"}

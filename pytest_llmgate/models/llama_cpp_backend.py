@@ -71,19 +71,6 @@ def gguf_path(spec: ModelSpec) -> Path:
     )
 
 
-def _context_length(path: Path) -> int | None:
-    """The context length the GGUF file declares (``<arch>.context_length``), read without loading it."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-        arch = reader.fields["general.architecture"].contents()
-        field = reader.fields.get(f"{arch}.context_length")
-        return int(field.contents()) if field is not None else None
-    except Exception:  # an unusual file: llama.cpp's own loader reports what is wrong with it
-        return None
-
-
 def _log_softmax_rows(rows: np.ndarray) -> np.ndarray:
     """Log-probabilities of each row of logits, in float64."""
     rows = rows.astype(np.float64)
@@ -117,24 +104,16 @@ class LlamaCppBackend:
                 f"model '{spec.name}': n_gpu_layers = {n_gpu_layers}, but this llama-cpp-python was built without "
                 "GPU support; rebuild it with CMAKE_ARGS='-DGGML_CUDA=on' or set n_gpu_layers = 0"
             )
-        trained = _context_length(self.path)
-        n_ctx = spec.n_ctx or spec.max_length or min(trained or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
-        try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.path),
-                n_ctx=n_ctx,
-                n_batch=min(512, n_ctx),
-                logits_all=True,  # every position's logits: continuation log-likelihoods need them
-                n_threads=self.threads,
-                n_threads_batch=self.threads,
-                n_gpu_layers=n_gpu_layers,
-                main_gpu=int(device.partition(":")[2] or 0) if gpu else 0,
-                verbose=False,
-            )
-        except Exception as error:
-            raise ModelLoadError(
-                f"model '{spec.name}': llama.cpp could not load {self.path}: {type(error).__name__}: {error}"
-            ) from error
+        main_gpu = int(device.partition(":")[2] or 0) if gpu else 0
+        n_ctx = spec.n_ctx or spec.max_length or DEFAULT_MAX_CTX
+        self.llm = self._open(n_ctx, n_gpu_layers, main_gpu)
+        trained = self.llm._model.n_ctx_train()
+        if not (spec.n_ctx or spec.max_length) and 0 < trained < n_ctx:
+            # The file's own window is smaller than the default: the window is the file's (reading it from the
+            # GGUF header first would parse the whole tokenizer, about 2 s; reopening costs a fraction of that).
+            self.llm.close()
+            n_ctx = trained
+            self.llm = self._open(n_ctx, n_gpu_layers, main_gpu)
         self.n_gpu_layers = n_gpu_layers
         self.max_length = n_ctx
         vocab = self.llm._model.vocab
@@ -146,6 +125,25 @@ class LlamaCppBackend:
         self._eos_text = self._piece(eos) if eos >= 0 else None
         metadata = self.llm.metadata
         self._chat_template = metadata.get("tokenizer.chat_template")
+
+    def _open(self, n_ctx: int, n_gpu_layers: int, main_gpu: int) -> Any:
+        """llama.cpp's model and context for ``self.path`` with a window of ``n_ctx`` tokens."""
+        try:
+            return self._llama_cpp.Llama(
+                model_path=str(self.path),
+                n_ctx=n_ctx,
+                n_batch=min(512, n_ctx),
+                logits_all=True,  # every position's logits: continuation log-likelihoods need them
+                n_threads=self.threads,
+                n_threads_batch=self.threads,
+                n_gpu_layers=n_gpu_layers,
+                main_gpu=main_gpu,
+                verbose=False,
+            )
+        except Exception as error:
+            raise ModelLoadError(
+                f"model '{self.spec.name}': llama.cpp could not load {self.path}: {type(error).__name__}: {error}"
+            ) from error
 
     # --- tokens -------------------------------------------------------------------------------------
 
