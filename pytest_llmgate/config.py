@@ -12,7 +12,7 @@ import difflib
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +442,20 @@ class StageSpec:
     # than the baseline. None: the rule is off.
     max_size_mb: float | None = None
     min_compression_ratio: float | None = None
+    # Speed and memory (the speed probe, ``speed.py``; memory from the engine's loads). Ratios compare the stage
+    # model with ``speed_reference`` (a model name; default the baseline) measured in the same run, and need both
+    # in the same runtime. None: the rule is off.
+    max_latency_ratio: float | None = None  # p95 batch-1 latency, stage / reference
+    min_throughput_ratio: float | None = None  # generated tokens per second at the probe's concurrency
+    max_latency_ms: float | None = None  # p95 batch-1 latency of the stage model, absolute
+    max_memory_mb: float | None = None  # peak memory of the stage model (RSS growth on CPU, CUDA peak on GPU)
+    min_success_rate: float | None = None  # share of the run's benchmark items that produced an outcome
+    speed_reference: str | None = None
+
+    @property
+    def speed_rules(self) -> tuple[str, ...]:
+        """The rules of this stage that need the speed probe."""
+        return tuple(key for key in SPEED_RULE_KEYS if getattr(self, key) is not None)
 
     def thresholds_for(self, task: str, task_groups: Iterable[str]) -> Thresholds:
         """Stage defaults, then each of the task's groups in config order, then the task itself."""
@@ -455,7 +469,19 @@ class StageSpec:
 
 
 _SIZE_KEYS = ("max_size_mb", "min_compression_ratio")
-_STAGE_KEYS = ("name", "model", "bits", "description", "groups", "tasks", *_THRESHOLD_KEYS, *_SIZE_KEYS)
+SPEED_RULE_KEYS = ("max_latency_ratio", "min_throughput_ratio", "max_latency_ms")
+_EFFICIENCY_KEYS = (*_SIZE_KEYS, *SPEED_RULE_KEYS, "max_memory_mb", "min_success_rate")
+_STAGE_KEYS = (
+    "name",
+    "model",
+    "bits",
+    "description",
+    "groups",
+    "tasks",
+    "speed_reference",
+    *_THRESHOLD_KEYS,
+    *_EFFICIENCY_KEYS,
+)
 
 
 def _stage_spec(raw: Any, index: int, base: StageSpec | None = None) -> StageSpec:
@@ -486,18 +512,24 @@ def _stage_spec(raw: Any, index: int, base: StageSpec | None = None) -> StageSpe
     model = raw.get("model")
     if model is not None and not isinstance(model, str):
         raise _fail(f"{where}.model", "expected the name of a model in [tool.llmgate.models]")
-    sizes: dict[str, float] = {}
-    for key in _SIZE_KEYS:
+    efficiency: dict[str, Any] = {}
+    for key in _EFFICIENCY_KEYS:
         value = raw.get(key)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise _fail(f"{where}.{key}", f"expected a positive number, got {value!r}")
-            sizes[key] = float(value)
+            if key == "min_success_rate" and value > 1:
+                raise _fail(f"{where}.{key}", f"expected a fraction in (0, 1], got {value!r}")
+            efficiency[key] = float(value)
+    reference = raw.get("speed_reference")
+    if reference is not None:
+        if not isinstance(reference, str) or not reference:
+            raise _fail(f"{where}.speed_reference", "expected the name of a model in [tool.llmgate.models]")
+        efficiency["speed_reference"] = reference
     if base is None:
-        return StageSpec(name, model, defaults, groups, tasks, bits, str(raw.get("description", "")), **sizes)
+        return StageSpec(name, model, defaults, groups, tasks, bits, str(raw.get("description", "")), **efficiency)
     return StageSpec(
-        max_size_mb=sizes.get("max_size_mb", base.max_size_mb),
-        min_compression_ratio=sizes.get("min_compression_ratio", base.min_compression_ratio),
+        **{key: efficiency.get(key, getattr(base, key)) for key in (*_EFFICIENCY_KEYS, "speed_reference")},
         name=name,
         model=model if model is not None else base.model,
         defaults=base.defaults.merged(defaults),
@@ -643,6 +675,45 @@ def _prompt_settings(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class SpeedSettings:
+    """``[tool.llmgate.speed]``: the serving probe's fixed, seeded workload (``speed.py``).
+
+    Each model of the run serves ``rounds`` batch-1 requests (``prompts`` prompts drawn with ``seed`` from the
+    run's own items, cycled), in ``blocks`` blocks interleaved across the models, after ``warmup_rounds``; and
+    ``throughput_rounds`` rounds of ``concurrency`` requests served together. Every request generates
+    ``max_tokens`` tokens, greedy, whatever the model emits.
+    """
+
+    prompts: int = 8
+    max_tokens: int = 16
+    rounds: int = 9
+    blocks: int = 3
+    warmup_rounds: int = 1
+    concurrency: int = 4
+    throughput_rounds: int = 3
+    seed: int = 1234
+
+
+_SPEED_KEYS = tuple(f.name for f in fields(SpeedSettings))
+
+
+def _speed_settings(raw: Any) -> SpeedSettings:
+    where = "[tool.llmgate.speed]"
+    table = _table(raw, where)
+    _check_keys(table, _SPEED_KEYS, where)
+    values = {}
+    for key, value in table.items():
+        minimum = 0 if key in ("warmup_rounds", "seed") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _fail(f"{where}.{key}", f"expected an integer >= {minimum}, got {value!r}")
+        values[key] = value
+    settings = SpeedSettings(**values)
+    if settings.rounds < settings.blocks:
+        raise _fail(f"{where}.rounds", f"{settings.rounds} rounds cannot fill {settings.blocks} blocks; raise rounds")
+    return settings
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """Everything a run needs to know, validated once."""
 
@@ -664,6 +735,11 @@ class GateConfig:
     policy: str = "point"
     confidence: float = 0.95
     prompt_defaults: Mapping[str, Any] = field(default_factory=dict)
+    speed: SpeedSettings = SpeedSettings()
+
+    def speed_reference(self, stage: StageSpec) -> ModelSpec:
+        """The model a stage's speed and memory ratios compare with: ``speed_reference``, else the baseline."""
+        return self.model(stage.speed_reference or self.baseline, f"stage '{stage.name}'.speed_reference")
 
     def prompt_options(self, task: str, pinned_shots: bool = False) -> dict[str, Any]:
         """The prompt options of ``task``: its own settings over the top-level ones (keys left out: task default).
@@ -806,8 +882,29 @@ _TOP_KEYS = (
     "policy",
     "confidence",
     "suites",
+    "speed",
     *PROMPT_KEYS,
 )
+
+
+def _check_speed_reference(stage: StageSpec, models: Mapping[str, ModelSpec], baseline: str | None) -> None:
+    """A ratio of speed or memory credits compression only when both models run in the same runtime."""
+    where = f"stage '{stage.name}'.speed_reference"
+    if stage.speed_reference is not None and stage.speed_reference not in models:
+        raise _fail(where, f"model {stage.speed_reference!r} is not defined in [tool.llmgate.models]")
+    ratios = [k for k in ("max_latency_ratio", "min_throughput_ratio") if getattr(stage, k) is not None]
+    reference = models.get(stage.speed_reference or baseline or "")
+    candidate = models.get(stage.model or "")
+    if not ratios or reference is None or candidate is None:
+        return
+    if reference.backend != candidate.backend:
+        raise _fail(
+            f"stage '{stage.name}'.{ratios[0]}",
+            f"compares {candidate.name} ({candidate.backend}) with {reference.name} ({reference.backend}): a speed "
+            "ratio across runtimes measures the runtime, not the compression. Set speed_reference to an "
+            f"uncompressed model in the {candidate.backend} runtime (e.g. the F16 GGUF of the baseline: "
+            "transform = { method = 'gguf', type = 'F16' })",
+        )
 
 
 def find_config_file(rootpath: Path, explicit: str | None) -> tuple[Path | None, dict[str, Any]]:
@@ -1061,6 +1158,7 @@ def parse_config(
                 f"stage '{spec.name}'.model",
                 f"model {spec.model!r} is not defined in [tool.llmgate.models] (defined: {', '.join(models)})",
             )
+        _check_speed_reference(spec, models, baseline)
 
     groups_raw = {**preset.get("groups", {}), **_table(raw.get("groups", {}), "[tool.llmgate.groups]")}
     groups = {g: _str_list(members, f"[tool.llmgate.groups].{g}") for g, members in groups_raw.items()}
@@ -1144,6 +1242,7 @@ def parse_config(
         policy=_policy(raw.get("policy", "point"), origin("policy")),
         confidence=_confidence(raw.get("confidence", 0.95)),
         prompt_defaults=prompt_defaults,
+        speed=_speed_settings(raw.get("speed", {})),
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from . import EXIT_UNCHECKED
 from .config import BASELINE_STAGE
+from .models.memory import merge_memory
 from .outcome import ItemOutcome, Tally
 from .state import RunState
 
@@ -94,6 +95,22 @@ class GateController:
                 missing.append(f"{task} not checked: no item has results of {', '.join(absent)}, but {why} needs them")
         return nothing + missing
 
+    def _run_figures(self, items: list[ItemOutcome], speed: Any) -> Any:
+        """The success rate of the run's items, and why speed was not measured (when it was not)."""
+        from .gate import RunFigures
+
+        ran = len(items) + self.harness_errors + len(self.crashed)
+        missing = None
+        if speed is None:
+            missing = "--llmgate-no-speed"
+        elif not speed.records:
+            missing = speed.not_measured()
+        return RunFigures(
+            success_rate=len(items) / ran if ran else None,
+            items=ran,
+            speed_missing=missing,
+        )
+
     def _problems(self, session: pytest.Session, unchecked: list[str]) -> list[str]:
         """Why the run is not complete, the cause first (the headline names the first)."""
         problems = []
@@ -133,9 +150,13 @@ class GateController:
         stats = self.tally.task_stats(state.gate.confidence)
         items = self.tally.ordered()
         models, workers, notes = _summaries(items)
+        speed = self.config.pluginmanager.get_plugin("llmgate-speed")
+        run = self._run_figures(items, speed)
+        if speed is not None:
+            _add_speed(models, speed)
         _add_sizes(models, state)
-        decision = decide_run(state.gate, state.stage, stats, adaptive=state.adaptive, sizes=models)
-        unchecked = self._unchecked(stats, [v.stage for v in decision.stages])
+        decision = decide_run(state.gate, state.stage, stats, adaptive=state.adaptive, sizes=models, run=run)
+        unchecked = self._unchecked(stats, [v.stage for v in decision.stages]) + _unchecked_rules(decision)
         problems = self._problems(session, unchecked)
         exit_code = int(session.exitstatus)
         if exit_code == 0:
@@ -218,11 +239,33 @@ def _summaries(items: list[ItemOutcome]) -> tuple[dict[str, dict[str, Any]], dic
             for note in side.get("model_notes", ()):
                 if note not in info.setdefault("notes", []):
                     info["notes"].append(note)
+            if side.get("memory"):
+                info["memory"] = merge_memory(info.get("memory"), side["memory"])
         loads = workers.setdefault(outcome.worker, {})
         for name, count in outcome.loads.items():
             loads[name] = max(loads.get(name, 0), count)
         notes.extend(note for note in outcome.notes if note not in notes)
     return models, workers, notes
+
+
+def _add_speed(models: dict[str, dict[str, Any]], speed: Any) -> None:
+    """Each probed model's speed, memory and machine (``speed.summarize``); speed references join the models."""
+    for role, figures in speed.summary().items():
+        info = models.setdefault(role, {"name": speed.roles[role].name, "evaluated": 0, "cached": 0, "stored": 0})
+        info["speed"] = figures["speed"]
+        info["machine"] = figures["machine"]
+        if figures.get("memory"):
+            info["memory"] = merge_memory(info.get("memory"), figures["memory"])
+
+
+def _unchecked_rules(decision: Any) -> list[str]:
+    """Speed and memory rules nobody could check (not measured, and not skipped on purpose)."""
+    return [
+        f"stage '{verdict.stage}': {rule.rule} {rule.detail}"
+        for verdict in decision.stages
+        for rule in verdict.rules
+        if rule.skipped and rule.detail.startswith("not checked:") and "--llmgate-no-speed" not in rule.detail
+    ]
 
 
 def _add_sizes(models: dict[str, dict[str, Any]], state: RunState) -> None:
@@ -236,12 +279,15 @@ def _add_sizes(models: dict[str, dict[str, Any]], state: RunState) -> None:
     cache = state.engine.cache if state.engine is not None else None
     digest = cache.file_digest if cache is not None else file_sha256
     sizes = {}
+    roles = state.engine.roles if state.engine is not None else state.roles
     for role, info in models.items():
-        spec = state.roles.get(role)
+        spec = roles.get(role)
         if spec is None:
             continue
+        info["backend"] = spec.backend
         try:
-            sizes[role] = model_size(spec, state.work_dir, info["fingerprint"], digest)
+            fingerprint = info.get("fingerprint") or (state.engine.fingerprint(role) if state.engine else "")
+            sizes[role] = model_size(spec, state.work_dir, fingerprint, digest)
         except Exception as error:
             sizes[role] = {"size_bytes": None, "size_of": f"could not be read: {type(error).__name__}: {error}"}
     for role, figures in with_ratios(sizes, BASELINE_STAGE).items():

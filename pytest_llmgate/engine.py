@@ -17,6 +17,7 @@ from typing import Any
 from .cache import CacheError, ResultCache, result_key
 from .config import ModelSpec
 from .models import GENERATION_VERSION, Backend, ModelPool, load_backend, model_fingerprint, pick_device
+from .models.memory import MemoryMeter
 from .tasks.base import GenerationRequest, Request, TaskItem
 
 REQUEST_PARAMS = {"type": "loglikelihood"}
@@ -52,6 +53,7 @@ class Engine:
     _backends: dict[str, Backend] = field(default_factory=dict)
     _memo: dict[tuple[str, str], SideResult] = field(default_factory=dict)
     _failed: dict[tuple[str, str], str] = field(default_factory=dict)  # (fingerprint, item) -> error
+    _memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # fingerprint -> memory added by its load
     _cache_notes: list[str] = field(default_factory=list)  # why the cache stopped being used, if it did
     pool: ModelPool = field(default_factory=ModelPool)  # weights read once per run, shared by its stages
 
@@ -104,6 +106,7 @@ class Engine:
                 import torch
 
                 torch.set_num_threads(self.cpu_threads)
+            meter = MemoryMeter(device).start()
             self._backends[fingerprint] = load_backend(
                 spec,
                 device=device,
@@ -112,8 +115,18 @@ class Engine:
                 pool=self.pool,
                 threads=self.cpu_threads,
             )
+            self._memory[fingerprint] = {**meter.stop(), "device": device}
             self.loads[spec.name] += 1
         return self._backends[fingerprint]
+
+    def memory(self, role: str) -> dict[str, Any] | None:
+        """What loading ``role``'s model added to this process's memory (``models.memory``), once loaded.
+
+        A server's model lives in the server: nothing is measured here for it.
+        """
+        if self.roles[role].backend == "openai":
+            return None
+        return self._memory.get(self.fingerprint(role))
 
     def model_notes(self, role: str) -> list[str]:
         """What the loaded backend of ``role`` says about the model (e.g. a GGUF file's quantizer fallbacks)."""

@@ -282,13 +282,15 @@ def evaluate_stage(
     stats: Mapping[str, TaskStats],
     adaptive: Mapping[str, Mapping[str, Any]] | None = None,
     sizes: Mapping[str, Mapping[str, Any]] | None = None,
+    run: RunFigures | None = None,
 ) -> StageVerdict:
     """Check every threshold and critical rule of ``stage`` on the per-task statistics.
 
     ``adaptive`` holds the tasks an anytime-valid sequence resolved early (--llmgate-adaptive): their
     retention floor is decided by that sequence, not by the fixed-n rule on the items that ran.
-    ``sizes``: each role's size figures (``models.size.model_size`` with ``compression_ratio``), for the
-    stage's ``max_size_mb`` and ``min_compression_ratio``.
+    ``sizes``: each role's figures as the report has them (size and ``compression_ratio``, ``speed`` with
+    its ratios against the speed reference, ``memory``), for the stage's size, speed and memory rules; ``run``:
+    what the run as a whole measured (success rate, why speed was not measured).
     """
     index = [s.name for s in config.stages].index(stage.name)
     previous = config.stages[index - 1].name if index > 0 else BASELINE_STAGE
@@ -389,6 +391,7 @@ def evaluate_stage(
         )
     tasks = _holm_across_tasks(tasks)
     rules.extend(_size_rules(stage, (sizes or {}).get(stage.name)))
+    rules.extend(efficiency_rules(config, stage, (sizes or {}).get(stage.name), run or RunFigures()))
     rules.extend(_critical_rules(config, tasks))
     if any(r.critical and not r.passed for r in rules):
         verdict = CRITICAL
@@ -397,7 +400,8 @@ def evaluate_stage(
     else:
         verdict = PASS
     result = StageVerdict(stage.name, verdict, tasks, tuple(rules))
-    return StageVerdict(stage.name, verdict, tasks, tuple(rules), tuple(recommend(config, stage, result)))
+    bits = ((sizes or {}).get(stage.name) or {}).get("bits_per_weight")
+    return StageVerdict(stage.name, verdict, tasks, tuple(rules), tuple(recommend(config, stage, result, bits)))
 
 
 def _size_rules(stage: StageSpec, size: Mapping[str, Any] | None) -> list[RuleResult]:
@@ -424,6 +428,133 @@ def _size_rules(stage: StageSpec, size: Mapping[str, Any] | None) -> list[RuleRe
         else:
             results.append(
                 RuleResult(label, ratio >= stage.min_compression_ratio, f"{ratio:.2f}x smaller than the baseline")
+            )
+    return results
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """What the speed and success-rate rules need from the run as a whole."""
+
+    success_rate: float | None = None  # items that produced an outcome / items that ran
+    items: int = 0
+    speed_missing: str | None = None  # why no timings exist (None: the probe measured; "--llmgate-no-speed")
+
+
+def _interval_rule(
+    label: str, figure: Mapping[str, float], limit: float, *, upper: bool, policy: Policy, unit: str, what: str
+) -> RuleResult:
+    """A noisy figure against a limit, under the run's policy; "UNRESOLVED" when its interval straddles the limit."""
+    point, lo, hi = figure["point"], figure["lo"], figure["hi"]
+    if upper:  # figure <= limit
+        decision = policy_verdict(
+            policy, point_passes=point <= limit, strict_passes=hi <= limit, lenient_passes=lo <= limit
+        )
+    else:
+        decision = policy_verdict(
+            policy, point_passes=point >= limit, strict_passes=lo >= limit, lenient_passes=hi >= limit
+        )
+    detail = f"{what} {point:.3g}{unit}, interval [{lo:.3g}, {hi:.3g}]{unit}, policy {policy}, " + (
+        "resolved" if decision.resolved else "UNRESOLVED: the interval straddles the limit; more rounds needed"
+    )
+    return RuleResult(label, decision.passed, detail)
+
+
+def efficiency_rules(
+    config: GateConfig, stage: StageSpec, figures: Mapping[str, Any] | None, run: RunFigures
+) -> list[RuleResult]:
+    """The stage's speed, memory and success-rate rules (``max_latency_ratio`` ... ``min_success_rate``).
+
+    Timings are noisy, so ratio and latency rules decide on an interval under the run's policy, as retention
+    does. A rule whose figure was not measured is skipped and named: the controller then reports the run as not
+    checked (exit 12), unless ``--llmgate-no-speed`` said not to measure.
+    """
+    policy: Policy = config.policy  # type: ignore[assignment]
+    figures = figures or {}
+    speed = figures.get("speed") or {}
+    vs = speed.get("vs_reference") or {}
+    results = []
+
+    def missing(label: str, why: str) -> RuleResult:
+        return RuleResult(label, True, f"not checked: {why}", skipped=True)
+
+    no_speed = run.speed_missing or "the stage model was not probed"
+    if stage.max_latency_ratio is not None:
+        label = f"p95 latency <= {stage.max_latency_ratio:g}x {vs.get('reference_model') or 'reference'}"
+        if "latency_ratio" not in vs:
+            results.append(missing(label, no_speed))
+        elif not vs.get("same_runtime"):
+            results.append(RuleResult(label, False, "the reference ran in another runtime: not a compression ratio"))
+        else:
+            results.append(
+                _interval_rule(
+                    label,
+                    vs["latency_ratio"],
+                    stage.max_latency_ratio,
+                    upper=True,
+                    policy=policy,
+                    unit="x",
+                    what="p95 latency ratio",
+                )
+            )
+    if stage.min_throughput_ratio is not None:
+        label = f"throughput >= {stage.min_throughput_ratio:g}x {vs.get('reference_model') or 'reference'}"
+        if "throughput_ratio" not in vs:
+            results.append(missing(label, no_speed))
+        elif not vs.get("same_runtime"):
+            results.append(RuleResult(label, False, "the reference ran in another runtime: not a compression ratio"))
+        else:
+            results.append(
+                _interval_rule(
+                    label,
+                    vs["throughput_ratio"],
+                    stage.min_throughput_ratio,
+                    upper=False,
+                    policy=policy,
+                    unit="x",
+                    what="tokens/s ratio",
+                )
+            )
+    if stage.max_latency_ms is not None:
+        label = f"p95 latency <= {stage.max_latency_ms:g} ms"
+        latency = speed.get("latency_ms")
+        bounds = speed.get("latency_p95_interval_ms")
+        if not latency or not bounds:
+            results.append(missing(label, no_speed))
+        else:
+            figure = {"point": latency["p95"], "lo": bounds[0], "hi": bounds[1]}
+            results.append(
+                _interval_rule(
+                    label, figure, stage.max_latency_ms, upper=True, policy=policy, unit=" ms", what="p95 latency"
+                )
+            )
+    if stage.max_memory_mb is not None:
+        label = f"peak memory <= {stage.max_memory_mb:g} MB"
+        memory = figures.get("memory") or {}
+        if memory.get("peak_memory_mb") is None:
+            why = (
+                "the model runs in a server, which reports no memory here"
+                if figures.get("backend") == "openai"
+                else "the model was never loaded in this run (every result came from the cache and no speed test "
+                "ran); run the speed test, or --llmgate-no-cache"
+            )
+            results.append(missing(label, why))
+        else:
+            peak = memory["peak_memory_mb"]
+            results.append(
+                RuleResult(label, peak <= stage.max_memory_mb, f"{peak:.1f} MB ({memory.get('memory_kind')})")
+            )
+    if stage.min_success_rate is not None:
+        label = f"success rate >= {stage.min_success_rate:.0%}"
+        if run.success_rate is None:
+            results.append(missing(label, "no benchmark item ran"))
+        else:
+            results.append(
+                RuleResult(
+                    label,
+                    run.success_rate >= stage.min_success_rate,
+                    f"{run.success_rate:.1%} of {run.items} item(s) produced an outcome",
+                )
             )
     return results
 
@@ -513,8 +644,11 @@ def _score_floor(rule: CriticalRule, tasks: Mapping[str, TaskVerdict]) -> RuleRe
     return RuleResult(rule.label, not below, detail, critical=True)
 
 
-def recommend(config: GateConfig, stage: StageSpec, verdict: StageVerdict) -> list[str]:
-    """Advice whose conditions hold for a failed stage."""
+def recommend(
+    config: GateConfig, stage: StageSpec, verdict: StageVerdict, measured_bits: float | None = None
+) -> list[str]:
+    """Advice whose conditions hold for a failed stage (``max_bits`` compares the measured bits per weight when
+    the model's size was read, else the stage's ``bits``)."""
     if verdict.verdict == PASS:
         return []
     advice = []
@@ -523,7 +657,8 @@ def recommend(config: GateConfig, stage: StageSpec, verdict: StageVerdict) -> li
             continue
         if rec.stages and stage.name not in rec.stages:
             continue
-        if rec.max_bits is not None and (stage.bits is None or stage.bits > rec.max_bits):
+        bits = measured_bits if measured_bits is not None else stage.bits
+        if rec.max_bits is not None and (bits is None or bits > rec.max_bits):
             continue
         if rec.below_mean_retention is not None:
             mean_retention = verdict.mean_retention
@@ -547,12 +682,33 @@ class LadderDecision:
         return 0 if self.selected else self.reference.exit_code
 
 
-def decide_ladder(verdicts: Sequence[StageVerdict]) -> LadderDecision:
-    """Walk the ladder from the most aggressive stage back and take the first that passes."""
-    for verdict in reversed(verdicts):
+def ladder_order(verdicts: Sequence[StageVerdict], sizes: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
+    """The stages from least to most compressed: by measured compression ratio, ties to the faster stage (lower
+    p95 latency), when every stage's ratio was measured; else in configuration order."""
+    names = [v.stage for v in verdicts]
+    figures = {name: (sizes or {}).get(name) or {} for name in names}
+    ratios = {name: figures[name].get("compression_ratio") for name in names}
+    if any(r is None for r in ratios.values()):
+        return names
+
+    def latency(name: str) -> float:
+        p95 = ((figures[name].get("speed") or {}).get("latency_ms") or {}).get("p95")
+        return float(p95) if p95 is not None else math.inf
+
+    # Least compressed first; among equal ratios the slower first, so the walk back from the end meets the faster.
+    return sorted(names, key=lambda n: (round(float(ratios[n] or 0.0), 2), -latency(n), -names.index(n)))
+
+
+def decide_ladder(
+    verdicts: Sequence[StageVerdict], sizes: Mapping[str, Mapping[str, Any]] | None = None
+) -> LadderDecision:
+    """Walk the ladder from the most compressed stage back and take the first that passes."""
+    by_name = {v.stage: v for v in verdicts}
+    order = [by_name[name] for name in ladder_order(verdicts, sizes)]
+    for verdict in reversed(order):
         if verdict.verdict == PASS:
             return LadderDecision(verdict.stage, verdicts, verdict)
-    return LadderDecision(None, verdicts, verdicts[0])
+    return LadderDecision(None, verdicts, order[0])
 
 
 @dataclass(frozen=True)
@@ -581,13 +737,14 @@ def decide_run(
     stats: Mapping[str, TaskStats],
     adaptive: Mapping[str, Mapping[str, Any]] | None = None,
     sizes: Mapping[str, Mapping[str, Any]] | None = None,
+    run: RunFigures | None = None,
 ) -> RunDecision:
-    """The decision for ``--stage=stage`` on the collected statistics (and the models' sizes, by role)."""
+    """The decision for ``--stage=stage`` on the collected statistics (and the models' figures, by role)."""
     if stage == BASELINE_STAGE:
         return RunDecision(stage, BASELINE_RECORDED, 0, ())
     if stage == ALL_STAGES:
-        ladder = decide_ladder([evaluate_stage(config, s, stats, sizes=sizes) for s in config.stages])
+        ladder = decide_ladder([evaluate_stage(config, s, stats, sizes=sizes, run=run) for s in config.stages], sizes)
         verdict = PASS if ladder.selected else ladder.reference.verdict
         return RunDecision(stage, verdict, ladder.exit_code, tuple(ladder.verdicts), ladder.selected)
-    result = evaluate_stage(config, config.stage(stage), stats, adaptive, sizes)
+    result = evaluate_stage(config, config.stage(stage), stats, adaptive, sizes, run)
     return RunDecision(stage, result.verdict, result.exit_code, (result,))

@@ -120,6 +120,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="neither read nor write the result cache",
     )
     group.addoption(
+        "--llmgate-no-speed",
+        dest="llmgate_no_speed",
+        action="store_true",
+        help="skip the speed tests (llmgate_probe); stage speed rules are reported as skipped",
+    )
+    group.addoption(
         "--llmgate-policy",
         dest="llmgate_policy",
         default=None,
@@ -174,6 +180,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("llmgate_tasks", "default --llmgate-tasks: comma-separated tasks to run", default=None)
     parser.addini("llmgate_cache", "default --llmgate-cache: the result cache file", default=None)
     parser.addini("llmgate_no_cache", "default --llmgate-no-cache", type="bool", default=False)
+    parser.addini("llmgate_no_speed", "default --llmgate-no-speed", type="bool", default=False)
     parser.addini("llmgate_policy", "default --llmgate-policy: point, strict or lenient", default=None)
     parser.addini("llmgate_adaptive", "default --llmgate-adaptive", type="bool", default=False)
 
@@ -292,6 +299,10 @@ def _register_features(config: pytest.Config, state: Any) -> None:
         name: task.with_verdicts(verdicts) if isinstance(task, CodeTask) else task for name, task in state.tasks.items()
     }
     plugins.register(WorkerPlugin(state, engine), "llmgate-worker")
+    if not _option(config, "llmgate_no_speed"):
+        from .speed import SpeedPlugin
+
+        plugins.register(SpeedPlugin(config, state), "llmgate-speed")
     if state.is_controller:
         from .controller import GateController
 
@@ -382,3 +393,22 @@ def llmgate_model(request: pytest.FixtureRequest) -> Any:
         return engine.backend(chosen)
 
     return model
+
+
+@pytest.fixture
+def llmgate_probe(request: pytest.FixtureRequest) -> Any:
+    """The serving probe of one model of this run; ``llmgate_probe.run(benchmark)`` times it with pytest-benchmark.
+
+    A test taking it is parametrized with one case per model and measurement (batch-1 latency blocks interleaved
+    across the models, then throughput); the gate reads the timings (docs/efficiency.md). Skipped without
+    ``--stage`` and with ``--llmgate-no-speed``.
+    """
+    from .state import STATE
+
+    state = request.config.stash.get(STATE, None)
+    if state is None or state.stage is None:
+        pytest.skip(SKIP_REASON)
+    speed = request.config.pluginmanager.get_plugin("llmgate-speed")
+    if speed is None:
+        pytest.skip("llmgate speed: --llmgate-no-speed")
+    return speed.probe(request.param)

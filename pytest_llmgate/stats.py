@@ -835,3 +835,77 @@ def _predmix_eb_lower(x: Any, alpha: float) -> Any:
     psi = -np.log1p(-lam) - lam
     lam_sum = np.cumsum(lam)
     return (np.cumsum(lam * x) - log_inv_alpha - np.cumsum((x - mu_prev) ** 2 * psi)) / lam_sum
+
+
+def quantile(values: Iterable[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` with linear interpolation (numpy's default; p95 is ``q = 0.95``)."""
+    ordered = sorted(float(v) for v in values)
+    if not ordered:
+        raise ValueError("quantile of no values")
+    if not 0 <= q <= 1:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    return _quantile(ordered, q)
+
+
+def timing_interval(
+    values: Sequence[float], q: float, *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(point, low, high): the ``q`` quantile of timings with a percentile-bootstrap interval over the rounds.
+
+    With few rounds a high quantile is close to the largest timing and its interval is wide: that is the
+    honest answer, and a gate on it says "unresolved" rather than guessing.
+    """
+    import numpy as np
+
+    x = np.asarray([float(v) for v in values])
+    if x.size == 0:
+        raise ValueError("no timings")
+    _check_level("confidence", confidence)
+    point = float(np.quantile(x, q))
+    if x.size == 1:
+        return point, point, point
+    rng = np.random.default_rng(seed)
+    stats = np.quantile(x[rng.integers(0, x.size, size=(resamples, x.size))], q, axis=1)
+    alpha = 1 - confidence
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return point, min(float(lo), point), max(float(hi), point)
+
+
+def ratio_interval(
+    reference: Sequence[float],
+    candidate: Sequence[float],
+    statistic: Callable[[Any], Any],
+    *,
+    paired: bool,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(point, low, high) of ``statistic(candidate) / statistic(reference)`` with a percentile-bootstrap interval.
+
+    ``paired``: the two samples are rounds taken in pairs (the same prompt, interleaved in time), resampled
+    together, so drift of the machine during the run cancels in each pair; else each is resampled on its own.
+    ``statistic`` maps an array of resampled rows (shape (resamples, n)) to one value per row.
+    """
+    import numpy as np
+
+    a = np.asarray([float(v) for v in reference])
+    b = np.asarray([float(v) for v in candidate])
+    if a.size == 0 or b.size == 0:
+        raise ValueError("a ratio needs timings of both models")
+    if paired and a.size != b.size:
+        n = min(a.size, b.size)
+        a, b = a[:n], b[:n]
+    _check_level("confidence", confidence)
+    point = float(statistic(b[None, :])[0] / statistic(a[None, :])[0])
+    rng = np.random.default_rng(seed)
+    if paired:
+        index = rng.integers(0, a.size, size=(resamples, a.size))
+        ratios = statistic(b[index]) / statistic(a[index])
+    else:
+        ratios = statistic(b[rng.integers(0, b.size, size=(resamples, b.size))]) / statistic(
+            a[rng.integers(0, a.size, size=(resamples, a.size))]
+        )
+    alpha = 1 - confidence
+    lo, hi = np.quantile(ratios, [alpha / 2, 1 - alpha / 2])
+    return point, min(float(lo), point), max(float(hi), point)

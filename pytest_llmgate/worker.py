@@ -40,8 +40,10 @@ def make_engine(config: pytest.Config, state: RunState) -> Engine:
     threads = max(1, (os.cpu_count() or 1) // int(workerinput["workercount"])) if workerinput else None
     # One id for the whole run, in every process: results of a model nothing identifies stay within it.
     run_id = str(workerinput.get("testrunuid", "")) if workerinput else uuid.uuid4().hex
+    from .speed import probe_roles
+
     return Engine(
-        roles=state.roles,
+        roles=probe_roles(state),  # the run's models, and the speed references the probe also measures
         cache=cache,
         work_dir=state.work_dir,
         worker_index=worker_index,
@@ -81,6 +83,9 @@ class WorkerPlugin:
             model_notes = engine.model_notes(role)
             if model_notes:
                 side["model_notes"] = model_notes
+            memory = engine.memory(role)
+            if memory is not None:
+                side["memory"] = memory
             sides[role] = side
         outcome = ItemOutcome(
             task=task.name,

@@ -21,7 +21,7 @@ def pytest_sessionfinish(session):
     loaded = sorted(name for name in sys.modules if name.startswith("pytest_llmgate"))
     plugins = sorted(str(name) for name, _ in session.config.pluginmanager.list_name_plugin()
                      if str(name).startswith("llmgate"))
-    markers = [line for line in session.config.getini("markers") if "llmgate" in line or "benchmark" in line]
+    markers = [line for line in session.config.getini("markers") if "llmgate" in line or "items of the" in line]
     with open("seen.json", "w") as handle:
         json.dump({"modules": loaded, "plugins": plugins, "markers": markers}, handle)
 """
@@ -57,11 +57,14 @@ def test_each_feature_is_one_plugin_registered_only_when_on(project):
     project.pytester.makeconftest(PLAIN_CONFTEST)
     project.run("--stage=mild", "--llmgate-no-cache")
     assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
+        "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-speed", "llmgate-worker"]
+    project.run("--stage=mild", "--llmgate-no-cache", "--llmgate-no-speed")
+    assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
         "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-worker"]
     project.run("--stage=mild", "--llmgate-no-cache", "--llmgate-adaptive")
     assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
         "llmgate", "llmgate-adaptive", "llmgate-adaptive-controller", "llmgate-collection", "llmgate-controller",
-        "llmgate-worker"]
+        "llmgate-speed", "llmgate-worker"]
     project.run("--stage=mild", "--llmgate-plan")
     assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
         "llmgate", "llmgate-collection", "llmgate-plan"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 from . import ModelLoadError, resolve_local
 from .generation import ChatTemplateMissing, cut_at_stops, encode_pair, sample_seed, stop_strings
+from .probe import ProbeTiming
 
 log = logging.getLogger("pytest_llmgate")
 
@@ -255,6 +257,28 @@ class LlamaCppBackend:
                 break
             llm.eval([token])
         return cut_at_stops(text, stops)
+
+    def probe(self, prompts: Sequence[str], max_tokens: int) -> list[ProbeTiming]:
+        """The serving probe (``models.probe``): each prompt a new greedy request, one after another (this API
+        runs one sequence at a time), ``max_tokens`` tokens each whatever the model emits."""
+        llm = self.llm
+        timings = []
+        start = time.perf_counter()
+        for prompt in prompts:
+            tokens = (self._encode(prompt) or [self.prefix_token_id])[-max(1, self.max_length - max_tokens) :]
+            llm.reset()  # a new request: nothing reused from the last one
+            llm.eval(tokens)
+            budget = min(max_tokens, self.max_length - len(tokens))
+            first = None
+            for produced in range(1, budget + 1):
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                if first is None:
+                    first = time.perf_counter() - start
+                if produced < budget:
+                    llm.eval([token])
+            timings.append(ProbeTiming(first, budget, time.perf_counter() - start))
+        llm.reset()
+        return timings
 
     @staticmethod
     def _next_token(logits: np.ndarray, request: GenerationRequest, rng: Any) -> int:
