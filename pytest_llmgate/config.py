@@ -36,6 +36,7 @@ GGUF_TYPES = (
 )  # fmt: skip
 # Keys that only one backend reads: a key given to another backend is a mistake, reported as such.
 LLAMA_CPP_KEYS = ("n_ctx", "n_threads", "n_gpu_layers")
+PRICE_KEYS = ("price_per_1k_prompt_tokens", "price_per_1k_completion_tokens", "price_per_hour")
 OPENAI_KEYS = (
     "base_url", "model", "api_key_env", "max_in_flight", "timeout", "max_retries", "reuse_cache", "extra_body",
 )  # fmt: skip
@@ -133,6 +134,24 @@ class ModelSpec:
     max_retries: int = 5
     reuse_cache: bool = False
     extra_body: Mapping[str, Any] | None = None  # openai: server-specific fields added to each generation request
+    # Cost (any currency, the same for every model): per 1000 prompt / completion tokens the server reports
+    # (API models), or per hour of this run's evaluation time (self-hosted). None: no price.
+    price_per_1k_prompt_tokens: float | None = None
+    price_per_1k_completion_tokens: float | None = None
+    price_per_hour: float | None = None
+
+    @property
+    def priced(self) -> bool:
+        return any(p is not None for p in (self.price_per_1k_prompt_tokens, self.price_per_1k_completion_tokens,
+                                            self.price_per_hour))  # fmt: skip
+
+    def cost(self, seconds: float, prompt_tokens: int, completion_tokens: int) -> float:
+        """What evaluating cost at this model's prices."""
+        return (
+            (self.price_per_hour or 0.0) * seconds / 3600
+            + (self.price_per_1k_prompt_tokens or 0.0) * prompt_tokens / 1000
+            + (self.price_per_1k_completion_tokens or 0.0) * completion_tokens / 1000
+        )
 
     def describe(self) -> str:
         """A short human description, for the terminal summary."""
@@ -158,6 +177,7 @@ _MODEL_KEYS = (
     "add_bos_token",
     *LLAMA_CPP_KEYS,
     *OPENAI_KEYS,
+    *PRICE_KEYS,
 )
 
 
@@ -206,10 +226,26 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
         raise _fail(
             f"{where}.n_gpu_layers", f"expected -1 (all layers), 0 (none) or a layer count, got {n_gpu_layers!r}"
         )
+    prices: dict[str, Any] = {}
+    for key in PRICE_KEYS:
+        value = raw.get(key)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise _fail(f"{where}.{key}", f"expected a price >= 0, got {value!r}")
+            prices[key] = float(value)
+    if backend not in ("openai",) and ":" not in backend:
+        token_priced = next((k for k in PRICE_KEYS[:2] if k in prices), None)
+        if token_priced is not None:
+            raise _fail(
+                f"{where}.{token_priced}",
+                "token prices need the token counts a server reports (backend = 'openai'); price a model you run "
+                "yourself with price_per_hour",
+            )
     return ModelSpec(
         name=name,
         backend=backend,
         path=path,
+        **prices,
         revision=raw.get("revision"),
         gguf_file=raw.get("gguf_file"),
         tokenizer=raw.get("tokenizer"),
@@ -736,6 +772,7 @@ class GateConfig:
     confidence: float = 0.95
     prompt_defaults: Mapping[str, Any] = field(default_factory=dict)
     speed: SpeedSettings = SpeedSettings()
+    max_cost: float | None = None  # the run's budget at the models' prices: evaluation stops before exceeding it
 
     def speed_reference(self, stage: StageSpec) -> ModelSpec:
         """The model a stage's speed and memory ratios compare with: ``speed_reference``, else the baseline."""
@@ -883,6 +920,7 @@ _TOP_KEYS = (
     "confidence",
     "suites",
     "speed",
+    "max_cost",
     *PROMPT_KEYS,
 )
 
@@ -1243,7 +1281,23 @@ def parse_config(
         confidence=_confidence(raw.get("confidence", 0.95)),
         prompt_defaults=prompt_defaults,
         speed=_speed_settings(raw.get("speed", {})),
+        max_cost=_max_cost(raw.get("max_cost"), models),
     )
+
+
+def _max_cost(value: Any, models: Mapping[str, ModelSpec]) -> float | None:
+    if value is None:
+        return None
+    where = "[tool.llmgate].max_cost"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise _fail(where, f"expected a positive budget, got {value!r}")
+    if not any(spec.priced for spec in models.values()):
+        raise _fail(
+            where,
+            "no model has a price, so nothing can be counted against the budget; set price_per_hour (or "
+            "price_per_1k_prompt_tokens / price_per_1k_completion_tokens for a server) on the models",
+        )
+    return float(value)
 
 
 def _data_dir(value: Any, base: Path, where: str) -> Path | None:

@@ -155,6 +155,9 @@ class GateController:
         if speed is not None:
             _add_speed(models, speed)
         _add_sizes(models, state)
+        for role, info in models.items():
+            info["peak_memory_mb"] = (info.get("memory") or {}).get("peak_memory_mb")
+            _add_cost(info, role, stats)
         decision = decide_run(state.gate, state.stage, stats, adaptive=state.adaptive, sizes=models, run=run)
         unchecked = self._unchecked(stats, [v.stage for v in decision.stages]) + _unchecked_rules(decision)
         problems = self._problems(session, unchecked)
@@ -241,6 +244,12 @@ def _summaries(items: list[ItemOutcome]) -> tuple[dict[str, dict[str, Any]], dic
                     info["notes"].append(note)
             if side.get("memory"):
                 info["memory"] = merge_memory(info.get("memory"), side["memory"])
+            if side.get("spend"):
+                spent = info.setdefault("spend", {"seconds": 0.0, "prompt_tokens": 0.0, "completion_tokens": 0.0})
+                for key in ("seconds", "prompt_tokens", "completion_tokens"):
+                    spent[key] += side["spend"][key]
+                if side["spend"].get("cost") is not None:
+                    spent["cost"] = spent.get("cost", 0.0) + side["spend"]["cost"]
         loads = workers.setdefault(outcome.worker, {})
         for name, count in outcome.loads.items():
             loads[name] = max(loads.get(name, 0), count)
@@ -250,6 +259,9 @@ def _summaries(items: list[ItemOutcome]) -> tuple[dict[str, dict[str, Any]], dic
 
 def _add_speed(models: dict[str, dict[str, Any]], speed: Any) -> None:
     """Each probed model's speed, memory and machine (``speed.summarize``); speed references join the models."""
+    for role, memory in speed.memory.items():
+        if role in models:
+            models[role]["memory"] = merge_memory(models[role].get("memory"), memory)
     for role, figures in speed.summary().items():
         info = models.setdefault(role, {"name": speed.roles[role].name, "evaluated": 0, "cached": 0, "stored": 0})
         info["speed"] = figures["speed"]
@@ -258,10 +270,36 @@ def _add_speed(models: dict[str, dict[str, Any]], speed: Any) -> None:
             info["memory"] = merge_memory(info.get("memory"), figures["memory"])
 
 
+def _add_cost(info: dict[str, Any], role: str, stats: Mapping[str, Any]) -> None:
+    """``cost``: what this run's evaluation of the model took (items read from the cache cost nothing), at the
+    model's prices when it has them: per item evaluated, and per item per percentage point of its mean score."""
+    spent = info.pop("spend", None)
+    if not spent:
+        return
+    evaluated = info.get("evaluated", 0)
+    cost: dict[str, Any] = {
+        "items": evaluated,
+        "seconds": round(spent["seconds"], 3),
+        "prompt_tokens": round(spent["prompt_tokens"]),
+        "completion_tokens": round(spent["completion_tokens"]),
+        "cost": None,
+        "cost_per_item": None,
+        "cost_per_accuracy_point": None,
+    }
+    if "cost" in spent and evaluated:
+        cost["cost"] = spent["cost"]
+        cost["cost_per_item"] = spent["cost"] / evaluated
+        scores = [st.scores[role] for st in stats.values() if role in st.scores]
+        mean_score = sum(scores) / len(scores) if scores else 0.0
+        if mean_score > 0:
+            cost["cost_per_accuracy_point"] = cost["cost_per_item"] / (100 * mean_score)
+    info["cost"] = cost
+
+
 def _unchecked_rules(decision: Any) -> list[str]:
     """Speed and memory rules nobody could check (not measured, and not skipped on purpose)."""
     return [
-        f"stage '{verdict.stage}': {rule.rule} {rule.detail}"
+        f"{rule.rule} (stage '{verdict.stage}') {rule.detail}"
         for verdict in decision.stages
         for rule in verdict.rules
         if rule.skipped and rule.detail.startswith("not checked:") and "--llmgate-no-speed" not in rule.detail

@@ -8,6 +8,7 @@ items. It never decides pass or fail.
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,30 @@ GENERATION_PARAMS = {"type": "generate", "version": GENERATION_VERSION}
 
 class ShardError(Exception):
     """Evaluating a shard failed; every item of the shard reports it as a test error."""
+
+
+class BudgetExceeded(ShardError):
+    """Evaluating the next shard would exceed this process's share of ``max_cost``: the run stops here."""
+
+
+@dataclass
+class Spend:
+    """What one model's evaluation took in this process: time, server-reported tokens, items, cost."""
+
+    seconds: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    items: int = 0
+    cost: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 3),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "items": self.items,
+            "cost": self.cost,
+        }
 
 
 @dataclass(frozen=True)
@@ -56,6 +81,9 @@ class Engine:
     _memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # fingerprint -> memory added by its load
     _cache_notes: list[str] = field(default_factory=list)  # why the cache stopped being used, if it did
     pool: ModelPool = field(default_factory=ModelPool)  # weights read once per run, shared by its stages
+    budget: float | None = None  # this process's share of max_cost (None: no budget)
+    spend: dict[str, Spend] = field(default_factory=dict)  # role -> this process's evaluation
+    _item_spend: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (fingerprint, item) -> share
 
     @property
     def notes(self) -> list[str]:
@@ -175,6 +203,63 @@ class Engine:
                     f"model '{model}' could not be loaded: {type(error).__name__}: {error}"
                 )
             return
+        self._check_budget(role, len(missing))
+        usage = dict(getattr(backend, "usage", None) or {})
+        start = time.perf_counter()
+        try:
+            self._evaluate_shard(role, backend, missing, model)
+        finally:
+            self._account(
+                role, missing, time.perf_counter() - start, usage, dict(getattr(backend, "usage", None) or {})
+            )
+
+    def _check_budget(self, role: str, items: int) -> None:
+        """Stop before a shard whose expected cost (the cost per item so far) would take the run over budget."""
+        if self.budget is None:
+            return
+        spent = sum(s.cost for s in self.spend.values())
+        done = self.spend.get(role)
+        expected = done.cost / done.items * items if done is not None and done.items else 0.0
+        if spent + expected > self.budget or spent >= self.budget:
+            raise BudgetExceeded(
+                f"run budget: evaluating {items} more item(s) on '{self.roles[role].name}' would cost about "
+                f"{expected:.4g}, and {spent:.4g} of this process's {self.budget:.4g} (max_cost) is spent; "
+                "the run stops here, incomplete (raise max_cost, or gate fewer items with --llmgate-limit)"
+            )
+
+    def _account(
+        self, role: str, missing: list[tuple[TaskItem, str, str]], seconds: float, before: Mapping[str, Any],
+        after: Mapping[str, Any],
+    ) -> None:  # fmt: skip
+        """Add a shard's time and tokens to the model's spend, and give each evaluated item its share."""
+        spec = self.roles[role]
+        prompt = int(after.get("prompt_tokens", 0)) - int(before.get("prompt_tokens", 0))
+        completion = int(after.get("completion_tokens", 0)) - int(before.get("completion_tokens", 0))
+        cost = spec.cost(seconds, prompt, completion)
+        total = self.spend.setdefault(role, Spend())
+        total.seconds += seconds
+        total.prompt_tokens += prompt
+        total.completion_tokens += completion
+        total.items += len(missing)
+        total.cost += cost
+        fingerprint = self.fingerprint(role)
+        share = {
+            "seconds": seconds / len(missing),
+            "prompt_tokens": prompt / len(missing),
+            "completion_tokens": completion / len(missing),
+            "cost": cost / len(missing) if spec.priced else None,
+        }
+        for item, _, _ in missing:
+            self._item_spend[(fingerprint, item.qualified_id)] = share
+
+    def item_spend(self, role: str, item: TaskItem) -> dict[str, Any] | None:
+        """This item's share of the time, tokens and cost of the shard that evaluated it (None: from the cache)."""
+        return self._item_spend.get((self.fingerprint(role), item.qualified_id))
+
+    def _evaluate_shard(
+        self, role: str, backend: Backend, missing: list[tuple[TaskItem, str, str]], model: str
+    ) -> None:
+        fingerprint = self.fingerprint(role)
         try:
             self._evaluate(role, backend, missing)
         except Exception:

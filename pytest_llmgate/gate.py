@@ -479,8 +479,9 @@ def efficiency_rules(
         return RuleResult(label, True, f"not checked: {why}", skipped=True)
 
     no_speed = run.speed_missing or "the stage model was not probed"
+    reference = config.speed_reference(stage).name
     if stage.max_latency_ratio is not None:
-        label = f"p95 latency <= {stage.max_latency_ratio:g}x {vs.get('reference_model') or 'reference'}"
+        label = f"p95 latency <= {stage.max_latency_ratio:g}x {reference}"
         if "latency_ratio" not in vs:
             results.append(missing(label, no_speed))
         elif not vs.get("same_runtime"):
@@ -498,7 +499,7 @@ def efficiency_rules(
                 )
             )
     if stage.min_throughput_ratio is not None:
-        label = f"throughput >= {stage.min_throughput_ratio:g}x {vs.get('reference_model') or 'reference'}"
+        label = f"throughput >= {stage.min_throughput_ratio:g}x {reference}"
         if "throughput_ratio" not in vs:
             results.append(missing(label, no_speed))
         elif not vs.get("same_runtime"):

@@ -35,6 +35,11 @@ from .models.probe import ProbeTiming, run_probe
 from .state import RunState
 
 FIXTURE = "llmgate_probe"
+SKIP_PREFIX = "llmgate speed: "
+XDIST_REASON = (
+    f"{SKIP_PREFIX}pytest-benchmark does not time under xdist (-n) or with --benchmark-disable; measure speed "
+    "in one process (e.g. pytest benchmarks/test_speed.py --stage=<stage>)"
+)
 REFERENCE_PREFIX = "reference:"
 IN_PROCESS_TRANSFORMS = ("rtn", "vptq")  # fake-quantized in PyTorch: the weights run in float
 
@@ -147,10 +152,7 @@ class Probe:
     def run(self, benchmark: Any) -> None:
         """Time this case's rounds with pytest-benchmark's ``benchmark`` fixture (``benchmark.pedantic``)."""
         if getattr(benchmark, "disabled", False):
-            pytest.skip(
-                "llmgate speed: pytest-benchmark does not time under xdist (-n) or with --benchmark-disable; "
-                "measure speed in one process (e.g. pytest benchmarks/test_speed.py --stage=<stage>)"
-            )
+            pytest.skip(XDIST_REASON)
         case = self.case
         benchmark.group = f"llmgate {case.kind}"
         benchmark.extra_info.update(role=case.role, model=self.spec.name, kind=case.kind, block=case.block)
@@ -206,6 +208,7 @@ class SpeedPlugin:
         self.roles = probe_roles(state)
         self.records: list[dict[str, Any]] = []  # controller: every case's measurements
         self.skipped: list[str] = []  # controller: why cases did not measure
+        self.memory: dict[str, Any] = {}  # controller: role -> peak memory seen by the speed tests
         self.collected = 0
         self._prompts: list[str] | None = None
 
@@ -243,6 +246,8 @@ class SpeedPlugin:
 
     def probe(self, case: ProbeCase) -> Probe:
         """The ``llmgate_probe`` value of one case (the model loaded by the run's engine)."""
+        if getattr(self.config, "workerinput", None) is not None:
+            pytest.skip(XDIST_REASON)  # before loading anything: pytest-benchmark would not time it
         engine = self.state.engine
         assert engine is not None
         backend = engine.backend(case.role)
@@ -259,16 +264,21 @@ class SpeedPlugin:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
         report = yield
-        if call.when == "call" and FIXTURE in getattr(item, "fixturenames", ()):
-            funcargs = getattr(item, "funcargs", {})
-            probe = funcargs.get(FIXTURE)
-            if isinstance(probe, Probe):
-                record = probe.record(funcargs.get("benchmark"))
-                if record is not None:
-                    engine = self.state.engine
-                    load = engine.memory(probe.role) if engine is not None else None
-                    record["memory"] = model_memory(load, probe.memory)
-                    report.llmgate_speed = record
+        if FIXTURE not in getattr(item, "fixturenames", ()):
+            return report
+        if report.skipped and isinstance(report.longrepr, tuple):
+            report.llmgate_speed_skipped = str(report.longrepr[2]).removeprefix("Skipped: ").removeprefix(SKIP_PREFIX)
+        probe = getattr(item, "funcargs", {}).get(FIXTURE)
+        if call.when != "call" or not isinstance(probe, Probe):
+            return report
+        engine = self.state.engine
+        memory = model_memory(engine.memory(probe.role) if engine is not None else None, probe.memory)
+        if memory is not None:  # loaded for the probe: its memory is known even when timing is off
+            report.llmgate_speed_memory = {"role": probe.role, "memory": memory}
+        record = probe.record(item.funcargs.get("benchmark"))  # type: ignore[attr-defined]
+        if record is not None:
+            record["memory"] = memory
+            report.llmgate_speed = record
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -278,10 +288,12 @@ class SpeedPlugin:
         record = getattr(report, "llmgate_speed", None)
         if record is not None and report.when == "call":
             self.records.append(record)
-        elif report.skipped and FIXTURE in report.keywords and isinstance(report.longrepr, tuple):
-            reason = str(report.longrepr[2]).removeprefix("Skipped: ")
-            if reason not in self.skipped:
-                self.skipped.append(reason)
+        reason = getattr(report, "llmgate_speed_skipped", None)
+        if reason is not None and reason not in self.skipped:
+            self.skipped.append(reason)
+        loaded = getattr(report, "llmgate_speed_memory", None)
+        if loaded is not None:
+            self.memory[loaded["role"]] = merge_memory(self.memory.get(loaded["role"]), loaded["memory"])
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per role: ``speed`` figures, and for stages the ratios against their reference."""

@@ -15,7 +15,7 @@ import pytest
 
 from .cache import CacheError, ResultCache
 from .config import ALL_STAGES, BASELINE_STAGE, ConfigError
-from .engine import Engine, ShardError
+from .engine import BudgetExceeded, Engine, ShardError
 from .models import ModelLoadError
 from .outcome import ItemOutcome
 from .state import OUTCOME, SHARD, RunState
@@ -49,6 +49,8 @@ def make_engine(config: pytest.Config, state: RunState) -> Engine:
         worker_index=worker_index,
         cpu_threads=threads,
         run_id=run_id or uuid.uuid4().hex,
+        # Each xdist worker spends at most its share of the run's budget.
+        budget=gate.max_cost / int(workerinput["workercount"]) if gate.max_cost and workerinput else gate.max_cost,
     )
 
 
@@ -86,6 +88,9 @@ class WorkerPlugin:
             memory = engine.memory(role)
             if memory is not None:
                 side["memory"] = memory
+            spend = engine.item_spend(role, item) if not result.cached else None
+            if spend is not None:
+                side["spend"] = spend
             sides[role] = side
         outcome = ItemOutcome(
             task=task.name,
@@ -110,6 +115,8 @@ class WorkerPlugin:
         if SHARD in item.stash and call.excinfo is not None and call.excinfo.errisinstance(HARNESS_ERRORS):
             # A harness error names its cause in one line; the engine's traceback would only hide it.
             report.longrepr = f"llmgate harness error: {call.excinfo.value}"
+            if call.excinfo.errisinstance(BudgetExceeded):
+                item.session.shouldstop = f"llmgate: {call.excinfo.value}"
         if call.when == "call" and OUTCOME in item.stash:
             report.llmgate = item.stash[OUTCOME]
         if SHARD in item.stash:

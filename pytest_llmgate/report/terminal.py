@@ -93,14 +93,16 @@ def render(
     """
     out: list[tuple[str, dict[str, bool]]] = []
     for role, info in models.items():
-        out.append(
-            (
+        if "fingerprint" in info:
+            head = (
                 f"{role}: {info['name']} ({info['fingerprint'][:12]}) - evaluated {info['evaluated']}, "
-                f"from cache {info['cached']}",
-                {},
+                f"from cache {info['cached']}"
             )
-        )
+        else:
+            head = f"{role}: {info['name']} - speed reference only (no benchmark item is evaluated on it)"
+        out.append((head, {}))
         out += [(f"  {line}", {}) for line in size_lines(info)]
+        out += [(f"  {line}", {}) for line in efficiency_lines(info)]
         out += [(f"  {note}", {"yellow": True}) for note in info.get("notes", ())]
     for note in notes:
         out.append((note, {"yellow": True}))
@@ -130,6 +132,9 @@ def render(
                 out.append((f"  skipped {rule.rule}: {rule.detail}", {"yellow": True}))
         for advice in verdict.recommendations:
             out.append((f"  recommendation: {advice}", {"yellow": True}))
+    if decision.stages and stats:
+        out.append(("", {}))
+        out += [(line, {}) for line in tradeoff_table(decision, models)]
     if problems:
         out.append(("", {}))
         out += [(f"  - {problem}", {"red": True}) for problem in problems]
@@ -213,3 +218,80 @@ def size_lines(info: Mapping[str, Any]) -> list[str]:
             f"{ratio:.2f}x smaller than the baseline" if ratio > 1 else f"{1 / ratio:.2f}x larger than the baseline"
         )
     return [", ".join(parts)]
+
+
+def efficiency_lines(info: Mapping[str, Any]) -> list[str]:
+    """The model's measured speed and memory, and its ratios against its speed reference."""
+    lines = []
+    speed = info.get("speed") or {}
+    latency = speed.get("latency_ms")
+    if latency:
+        parts = [f"speed ({speed.get('runtime')}): p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms"]
+        parts[0] += f" for {speed.get('max_tokens')} tokens at batch 1"
+        if speed.get("ttft_ms") is not None:
+            parts.append(f"first token {speed['ttft_ms']:.0f} ms")
+        if speed.get("decode_tokens_per_s") is not None:
+            parts.append(f"decode {speed['decode_tokens_per_s']:.0f} tok/s")
+        throughput = speed.get("throughput") or {}
+        if throughput.get("tokens_per_s"):
+            parts.append(f"{throughput['tokens_per_s']:.0f} tok/s with {throughput['concurrency']} concurrent")
+        lines.append(", ".join(parts))
+    vs = speed.get("vs_reference") or {}
+    ratios = []
+    for key, what in (("latency_ratio", "p95 latency"), ("throughput_ratio", "throughput")):
+        if key in vs:
+            r = vs[key]
+            ratios.append(f"{what} {r['point']:.2f}x [{r['lo']:.2f}, {r['hi']:.2f}]")
+    if ratios:
+        same = "" if vs.get("same_runtime") else " (ANOTHER RUNTIME: not a compression speed-up)"
+        lines.append(f"vs {vs['reference_model']}{same}: " + ", ".join(ratios))
+    memory = info.get("memory") or {}
+    if memory.get("peak_memory_mb") is not None:
+        lines.append(f"memory: peak {memory['peak_memory_mb']:.0f} MB ({memory.get('memory_kind')})")
+    cost = info.get("cost") or {}
+    if cost:
+        text = f"evaluation: {cost['seconds']:.1f} s for {cost['items']} item(s)"
+        if cost["prompt_tokens"] or cost["completion_tokens"]:
+            text += f", {cost['prompt_tokens']} prompt + {cost['completion_tokens']} completion tokens"
+        if cost.get("cost") is not None:
+            text += f"; cost {cost['cost']:.4g} ({cost['cost_per_item']:.3g} per item"
+            if cost.get("cost_per_accuracy_point") is not None:
+                text += f", {cost['cost_per_accuracy_point']:.3g} per item per accuracy point"
+            text += ")"
+        lines.append(text)
+    return lines
+
+
+def tradeoff_table(decision: RunDecision, models: Mapping[str, Any]) -> list[str]:
+    """One row per stage: what compression cost (retention) next to what it bought (size, speed, memory)."""
+
+    def fmt(value: Any, spec: str, suffix: str = "") -> str:
+        return "-" if value is None else f"{value:{spec}}{suffix}"
+
+    rows: list[tuple[str, ...]] = [
+        ("stage", "verdict", "retention", "size MB", "smaller", "bits/w", "p95 ms", "latency", "tok/s", "peak MB")
+    ]
+    for verdict in decision.stages:
+        info = models.get(verdict.stage, {})
+        speed = info.get("speed") or {}
+        vs = speed.get("vs_reference") or {}
+        latency_ratio = (vs.get("latency_ratio") or {}).get("point")
+        rows.append(
+            (
+                verdict.stage,
+                verdict.verdict,
+                fmt(verdict.mean_retention, ".3f"),
+                fmt(info["size_bytes"] / 1e6 if info.get("size_bytes") else None, ".1f"),
+                fmt(info.get("compression_ratio"), ".2f", "x"),
+                fmt(info.get("bits_per_weight"), ".2f"),
+                fmt((speed.get("latency_ms") or {}).get("p95"), ".0f"),
+                fmt(latency_ratio, ".2f", "x" if vs.get("same_runtime") else "x*"),
+                fmt(speed.get("decode_tokens_per_s"), ".0f"),
+                fmt((info.get("memory") or {}).get("peak_memory_mb"), ".0f"),
+            )
+        )
+    lines = ["trade-off (retention: mean over tasks; latency: p95 against the stage's speed reference)"]
+    lines += _table(rows)
+    if any(r[7].endswith("x*") for r in rows[1:]):
+        lines.append("* the speed reference ran in another runtime: that ratio is not a compression speed-up")
+    return lines
