@@ -244,8 +244,13 @@ class Decoder:
         handed_over = (joined.pop(0) for _ in range(len(joined)))
         return torch.cat(logits), layered_cache(self.model.config, handed_over)
 
-    def run(self, rows: Sequence[DecodeRow]) -> list[list[int]]:
-        """The new tokens of each row (EOS excluded); rows are decoded together as one batch."""
+    def run(self, rows: Sequence[DecodeRow], on_step: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+        """The new tokens of each row (EOS excluded); rows are decoded together as one batch.
+
+        ``on_step(finished)``, when given, is called once per decoding step as soon as the step's tokens are
+        picked (the first call follows the prefill: the first token), with the indices in ``rows`` of the rows
+        that step finished; the serving probe reads its clock there.
+        """
         torch = self._torch
         if not rows:
             return []
@@ -276,6 +281,9 @@ class Decoder:
                 if len(generated[i]) >= rows[i].max_new_tokens or self._stopped(generated[i], rows[i].stops):
                     continue
                 keep.append(b)
+            if on_step is not None:
+                kept = set(keep)
+                on_step([i for b, i in enumerate(active) if b not in kept])
             if not keep:
                 return generated
             if len(keep) < len(active):

@@ -23,7 +23,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +34,7 @@ from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 from . import ModelLoadError
 from .generation import cut_at_stops, sample_seed
+from .probe import ProbeTiming
 
 if TYPE_CHECKING:
     import httpx
@@ -58,6 +59,10 @@ SELF_CHECK_TOLERANCE = 0.05
 # Log-likelihood tasks and generation tasks, named in the self-check's refusal.
 LOGLIKELIHOOD_TASKS = "arc_challenge, hellaswag, mmlu, truthfulqa_mc1/mc2, winogrande"
 GENERATION_TASKS = "gsm8k, humaneval, mbpp"
+# A probe stream may hold this many server-sent-event lines per requested token (data, blank separator, pings,
+# a server's own event: lines) plus a fixed allowance (the usage and finish chunks, [DONE]) before it is cut off.
+STREAM_LINES_PER_TOKEN = 8
+STREAM_EXTRA_LINES = 64
 
 
 class ServerRequestError(Exception):
@@ -240,6 +245,60 @@ class ServerConnection:
             f"is the server at {self.base_url} running and able to take the load? (lower max_in_flight, or raise "
             "timeout or max_retries)"
         )
+
+    def stream_events(
+        self, path: str, payload: Mapping[str, Any], max_lines: int, stop: threading.Event | None = None
+    ) -> Iterator[Any]:
+        """The JSON payloads of the server-sent events answering ``POST path`` (``stream: true``), each yielded as
+        it arrives, up to ``data: [DONE]``; one try (a retry would spoil the timing of a stream).
+
+        An HTTP error, a transport failure, a data line that is not JSON, a stream that ends without ``[DONE]``
+        or runs past ``max_lines`` lines raises ServerRequestError; ``stop`` set ends it early (``_Stopped``).
+        """
+        httpx = self._httpx
+        where = f"POST {self._base_path}/{path}"
+        try:
+            with self.client.stream("POST", path, json=payload) as response:
+                status = response.status_code
+                if not 200 <= status < 300:
+                    response.read()
+                    raise ServerRequestError(
+                        f"{where} (stream) answered {status}: {self._message(response)}"
+                        + (" (check the API key in api_key_env)" if status in (401, 403) else ""),
+                        status=status,
+                    )
+                lines = response.iter_lines()
+                usage: Any = None  # the last event that carries usage (vLLM may send it with every chunk)
+                for _ in range(max_lines):
+                    if stop is not None and stop.is_set():
+                        raise _Stopped
+                    line = next(lines, None)
+                    if line is None:
+                        raise ServerRequestError(f"{where} (stream): the stream ended without data: [DONE]")
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments (pings), event: and id: lines
+                    data = line[len("data:") :].strip()
+                    if data == "[DONE]":
+                        self._count(usage, 0, answered=True)
+                        return
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        shown = data if len(data) <= MESSAGE_LIMIT else data[:MESSAGE_LIMIT] + "..."
+                        raise ServerRequestError(
+                            f"{where} (stream): an event's data is not JSON: {self.redact(shown)!r}"
+                        ) from None
+                    if isinstance(event, dict) and isinstance(event.get("usage"), dict):
+                        usage = event
+                    yield event
+                raise ServerRequestError(
+                    f"{where} (stream): no data: [DONE] within {max_lines} lines; is this an OpenAI-compatible stream?"
+                )
+        except httpx.HTTPError as error:
+            text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            raise ServerRequestError(
+                f"{where} (stream) failed: {self.redact(text)}; is the server at {self.base_url} running?"
+            ) from None
 
     def close(self) -> None:
         """Close the connections."""
@@ -625,6 +684,85 @@ class OpenAIBackend:
         except (KeyError, IndexError, TypeError):
             raise ServerRequestError("the server's answer to a completion request has no choices[0] text") from None
         return cut_at_stops(text or "", request.until)
+
+    # --- serving probe --------------------------------------------------------------------------------------
+
+    def probe(self, prompts: Sequence[str], max_tokens: int) -> list[ProbeTiming]:
+        """The serving probe (``models.probe``): one streamed greedy ``/completions`` request per prompt, all sent at
+        once (``max_in_flight`` at a time), each timed from this call's start: ``ttft_s`` at the first chunk that
+        carries text, ``seconds`` at the last.
+
+        ``max_tokens`` tokens are asked for whatever the model emits: ``min_tokens`` (honoured by llama-cpp-python's
+        server, which ignores ``ignore_eos``, and by vLLM) and ``ignore_eos`` (vLLM, SGLang, llama.cpp's server);
+        most servers ignore fields they do not know; a strict one may refuse them (a 400, raised). The token
+        count is the stream's ``usage.completion_tokens`` when the server sends usage (``stream_options``
+        ``include_usage``: vLLM, SGLang), else the number of chunks that carry text (llama-cpp-python's server sends
+        no usage when streaming; it sends one chunk per token, but holds back a token that ends inside a UTF-8
+        character and sends it with the next, so that count can fall short). A stream that ends without a
+        ``finish_reason`` was cut short and raises: llama-cpp-python's server cuts a streaming request whenever another
+        arrives unless started with ``--interrupt_requests False``. Whatever key/value cache the server keeps between
+        requests (prefix caching) is the server's, as deployed.
+        """
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        start = time.perf_counter()
+        calls = [[partial(self._timed_completion, prompt, max_tokens, start)] for prompt in prompts]
+        return self._run(calls, lambda parts: parts[0], None)
+
+    def _timed_completion(self, prompt: str, max_tokens: int, start: float, stop: threading.Event) -> ProbeTiming:
+        payload: dict[str, Any] = {
+            "ignore_eos": True,
+            "min_tokens": max_tokens,
+            **(self.spec.extra_body or {}),  # the server's own fields (config extra_body); the request's below win
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "n": 1,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        where = f"the completion stream from {self.spec.base_url}"
+        first: float | None = None
+        last: float | None = None
+        chunks = 0
+        reported: int | None = None
+        finished = False
+        max_lines = STREAM_LINES_PER_TOKEN * max_tokens + STREAM_EXTRA_LINES
+        for event in self._connection.stream_events("completions", payload, max_lines, stop):
+            now = time.perf_counter() - start
+            if not isinstance(event, dict):
+                raise ServerRequestError(f"{where}: a chunk is not a JSON object but a {type(event).__name__}")
+            error = event.get("error")
+            if isinstance(error, (dict, str)):  # vLLM reports a failure after the stream began inside it
+                message = error.get("message") if isinstance(error, dict) else error
+                raise ServerRequestError(f"{where} reported an error: {self._connection.redact(str(message))}")
+            usage = event.get("usage")
+            if isinstance(usage, dict):
+                value = usage.get("completion_tokens")
+                if isinstance(value, int) and not isinstance(value, bool):
+                    reported = value
+            choices = event.get("choices")
+            if not isinstance(choices, list):
+                raise ServerRequestError(f"{where}: a chunk has no choices list")
+            for choice in choices:
+                text = choice.get("text") if isinstance(choice, dict) else None
+                if not isinstance(text, str):
+                    raise ServerRequestError(f"{where}: a chunk's choice has no text")
+                finished = finished or bool(choice.get("finish_reason"))
+                if text:
+                    chunks += 1
+                    last = now
+                    if first is None:
+                        first = now
+        if not finished:
+            raise ServerRequestError(
+                f"{where} ended after {chunks} chunks with text and no finish_reason: the server cut the completion "
+                "short (llama-cpp-python's server does so to a streaming request whenever another one arrives, "
+                "unless started with --interrupt_requests False; or set max_in_flight = 1)"
+            )
+        end = time.perf_counter() - start
+        return ProbeTiming(first, reported if reported is not None else chunks, last if last is not None else end)
 
     # --- requests in flight ---------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ grow with the vocabulary times the sequence length.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
 from . import ModelLoadError, ModelPool, resolve_local
 from .batching import CPU_GENERATION_TOKENS, BatchSizer
-from .generation import encode_pair, encode_text, generate_completions, render_chat
+from .generation import Decoder, DecodeRow, encode_pair, encode_text, eos_token_ids, generate_completions, render_chat
 from .kv_scoring import KVScorer, span_scores
+from .probe import ProbeTiming
 
 log = logging.getLogger("pytest_llmgate")
 
@@ -250,6 +252,48 @@ class TransformersBackend:
             sizer=self.generation_sizer,
             add_bos_token=self.spec.add_bos_token,
         )
+
+    def probe(self, prompts: Sequence[str], max_tokens: int) -> list[ProbeTiming]:
+        """The serving probe (``models.probe``): the prompts as one left-padded batch, prefilled in one pass and
+        decoded greedily on a fresh key/value cache, ``max_tokens`` tokens per row whatever the model emits."""
+        torch = self._torch
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not prompts:
+            return []
+        cuda = self.device.startswith("cuda")
+        tokenizer = self.tokenizer
+        start = time.perf_counter()
+        room = max(1, self.max_length - max_tokens)
+        rows = []
+        for prompt in prompts:
+            tokens = (self._encode(prompt) or [self.prefix_token_id])[-room:]
+            rows.append(DecodeRow(tuple(tokens), min(max_tokens, self.max_length - len(tokens)), ()))
+        eos_ids = eos_token_ids(self.model, tokenizer)
+        decoder = Decoder(
+            self.model,
+            device=self.device,
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0),
+            eos_ids=frozenset(),  # no token ends a probe row: every row decodes its full budget
+            decode=lambda tokens: str(tokenizer.decode(tokens, skip_special_tokens=True)),
+        )
+        first: list[float] = []
+        finished: dict[int, float] = {}
+
+        def on_step(done: list[int]) -> None:
+            if first and not done:
+                return
+            if cuda:  # the clock must see the GPU's work, not only its launch
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter() - start
+            if not first:
+                first.append(now)
+            for row in done:
+                finished[row] = now
+
+        with torch.inference_mode():
+            generated = decoder.run(rows, on_step)
+        return [ProbeTiming(first[0], len(tokens), finished[row]) for row, tokens in enumerate(generated)]
 
     def close(self) -> None:
         """Drop the model (and the pool's pristine copies) and free accelerator memory."""
