@@ -41,14 +41,14 @@ XDIST_REASON = (
     "in one process (e.g. pytest benchmarks/test_speed.py --stage=<stage>)"
 )
 REFERENCE_PREFIX = "reference:"
-IN_PROCESS_TRANSFORMS = ("rtn", "vptq")  # fake-quantized in PyTorch: the weights run in float
+FAKE_QUANTIZED = ("rtn",)  # quantized and dequantized in PyTorch: the weights run in float
 
 
 def probe_roles(state: RunState) -> dict[str, ModelSpec]:
     """Every model the probe measures: the run's roles, then each stage's speed reference that is not one of them."""
     roles = dict(state.roles)
     names = {spec.name for spec in roles.values()}
-    for role in roles:
+    for role in list(state.roles):
         if role == BASELINE_STAGE:
             continue
         reference = state.gate.speed_reference(state.gate.stage(role))
@@ -66,13 +66,16 @@ def reference_role(gate: GateConfig, roles: Mapping[str, ModelSpec], stage: str)
 
 def runtime_of(spec: ModelSpec, device: str | None) -> str:
     """What executes the model: the backend and the device, and whether the compression is real there."""
-    text = f"{spec.backend} {device or spec.device}" if spec.backend != "openai" else f"openai server {spec.base_url}"
-    if (
-        spec.backend in ("transformers", "vptq")
-        and spec.transform
-        and spec.transform.get("method") in (IN_PROCESS_TRANSFORMS)
-    ):
+    if spec.backend == "openai":
+        return f"openai server {spec.base_url}"
+    text = f"{spec.backend} {device or spec.device}"
+    method = (spec.transform or {}).get("method")
+    if spec.backend == "transformers" and method in FAKE_QUANTIZED:
         text += " (fake-quantized: runs in float)"
+    elif spec.backend == "vptq" or method == "vptq":
+        text += " (vptq package layers)"
+    elif spec.backend == "transformers" and method == "gguf":
+        text += " (GGUF dequantized into PyTorch: runs in float)"
     return text
 
 

@@ -229,6 +229,27 @@ def test_ladder_walks_from_the_most_compressed_stage_and_ties_go_to_the_faster()
     assert decide_ladder(verdicts).selected == "c"
 
 
+def test_each_speed_reference_is_probed_once_under_its_own_role(tmp_path):
+    from pytest_llmgate.speed import probe_roles
+    from pytest_llmgate.state import RunState
+
+    gguf = {"backend": "llama_cpp", "transform": {"method": "gguf", "type": "Q4_0"}}
+    raw = {
+        "models": {"hf": {}, "f16": {**gguf, "transform": {"method": "gguf", "type": "F16"}}, "q4": gguf, "q8": gguf},
+        "baseline": "hf",
+        "stages": [
+            {"name": "int8", "model": "q8", "speed_reference": "f16"},
+            {"name": "int4", "model": "q4", "speed_reference": "f16"},
+            {"name": "rtn", "model": "hf"},
+        ],
+    }
+    config = parse_config(raw, source=None, known_tasks=TASKS, rootpath=tmp_path)
+    state = RunState(config, "all", config.stage_models("all"), tmp_path, None, "main")
+    assert {role: spec.name for role, spec in probe_roles(state).items()} == {
+        "baseline": "hf", "int8": "q8", "int4": "q4", "rtn": "hf", "reference:f16": "f16"
+    }  # fmt: skip
+
+
 def test_a_speed_ratio_across_runtimes_is_refused_before_anything_loads(tmp_path):
     raw = {
         "models": {"hf": {}, "q4": {"backend": "llama_cpp", "transform": {"method": "gguf", "type": "Q4_0"}}},
@@ -278,6 +299,8 @@ def test_a_fake_quantized_model_is_labelled_as_running_in_float():
     rtn = ModelSpec(name="m", transform={"method": "rtn", "bits": 4, "group_size": 128})
     assert "fake-quantized: runs in float" in runtime_of(rtn, "cpu")
     assert runtime_of(ModelSpec(name="g", backend="llama_cpp"), "cpu") == "llama_cpp cpu"
+    vptq = ModelSpec(name="v", transform={"method": "vptq", "bits": 2, "vector_len": 4})
+    assert runtime_of(vptq, "cpu") == "transformers cpu (vptq package layers)"
 
 
 def test_memory_meter_sees_what_an_allocation_adds():

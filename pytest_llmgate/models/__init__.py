@@ -46,9 +46,11 @@ class Backend(Protocol):
     """What the engine needs from a model.
 
     Optional, read with getattr: ``notes`` (lines about the model for the run's summary, e.g. a GGUF file's
-    quantizer fallbacks) and ``streams_results = True`` (then ``loglikelihood`` and ``generate`` also take
+    quantizer fallbacks), ``streams_results = True`` (then ``loglikelihood`` and ``generate`` also take
     ``on_result(index, value)``, called in the calling thread as each request is answered, and the engine stores
-    each item as soon as it is whole: what a server answered survives a later failure).
+    each item as soon as it is whole: what a server answered survives a later failure), ``probe(prompts,
+    max_tokens)`` (the speed probe's timed requests, ``models.probe``; without it the probe times ``generate``)
+    and ``usage`` (server-reported ``prompt_tokens`` / ``completion_tokens`` so far, for token prices).
     """
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
