@@ -716,8 +716,8 @@ class SpeedSettings:
 
     Each model of the run serves ``rounds`` batch-1 requests (``prompts`` prompts drawn with ``seed`` from the
     run's own items, cycled), in ``blocks`` blocks interleaved across the models, after ``warmup_rounds``; and
-    ``throughput_rounds`` rounds of ``concurrency`` requests served together. Every request generates
-    ``max_tokens`` tokens, greedy, whatever the model emits.
+    ``throughput_rounds`` rounds of ``concurrency`` requests served together (after ``warmup_rounds`` too).
+    Every request generates ``max_tokens`` tokens, greedy, whatever the model emits.
     """
 
     prompts: int = 8

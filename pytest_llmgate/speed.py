@@ -121,7 +121,8 @@ def probe_cases(roles: Sequence[str], settings: SpeedSettings) -> list[ProbeCase
             warmup = settings.warmup_rounds if block == 1 else 0
             cases.append(ProbeCase(role, "latency", block, rounds, warmup, first))
         first += rounds
-    cases += [ProbeCase(role, "throughput", 1, settings.throughput_rounds) for role in roles]
+    # A first batch of a new shape may pay one-off costs (CUDA kernels, cuBLAS plans): warm up once here too.
+    cases += [ProbeCase(role, "throughput", 1, settings.throughput_rounds, settings.warmup_rounds) for role in roles]
     return cases
 
 
@@ -170,7 +171,9 @@ class Probe:
                 self._latency_round, setup=setup, rounds=case.rounds, warmup_rounds=case.warmup_rounds, iterations=1
             )
         else:
-            benchmark.pedantic(self._throughput_round, rounds=case.rounds, iterations=1)
+            benchmark.pedantic(
+                self._throughput_round, rounds=case.rounds, warmup_rounds=case.warmup_rounds, iterations=1
+            )
         self.memory = meter.stop()
         self.measured = True
         measured = self.timings[-case.rounds :]
@@ -318,7 +321,8 @@ def model_memory(load: Mapping[str, Any] | None, probe: Mapping[str, Any] | None
     """A model's peak: its load, or what stayed resident after the load plus the probe's own peak."""
     during = None
     if probe is not None and probe.get("peak_memory_mb") is not None:
-        during = {**probe, "peak_memory_mb": round((load or {}).get("resident_mb", 0.0) + probe["peak_memory_mb"], 1)}
+        resident = (load or {}).get("resident_mb", 0.0)
+        during = {**probe, "peak_memory_mb": round(resident + probe["peak_memory_mb"], 1), "resident_mb": resident}
     return merge_memory(dict(load) if load else None, during)
 
 

@@ -76,7 +76,7 @@ def main() -> None:
         for policy in ("point", "strict", "lenient"):
             expected = mean <= limit
             flips = sum(verdict(r["latency_ratio"], limit, policy) != expected for r in runs)
-            print(f"{limit:.3f} ({factor:.1f}x)  {policy:7}  {str(expected):18}   {flips}/{len(runs)}")
+            print(f"{limit:.3f} ({factor:.1f}x)  {policy:7}  {expected!s:18}   {flips}/{len(runs)}")
 
 
 if __name__ == "__main__":
