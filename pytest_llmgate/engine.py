@@ -43,15 +43,6 @@ class Spend:
     items: int = 0
     cost: float = 0.0
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "seconds": round(self.seconds, 3),
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "items": self.items,
-            "cost": self.cost,
-        }
-
 
 @dataclass(frozen=True)
 class SideResult:

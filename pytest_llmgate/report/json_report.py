@@ -161,7 +161,8 @@ def build_report(
     }
     report = {**_finite(report), "items": []}
     for outcome in items:
-        sides = outcome.sides
+        # What a side carries about its model as a whole (memory, the runtime's notes) is in ``models``.
+        sides = {role: {k: v for k, v in side.items() if k not in MODEL_WIDE} for role, side in outcome.sides.items()}
         report["items"].append(
             {
                 "task": outcome.task,
@@ -178,6 +179,9 @@ def build_report(
             }
         )
     return report
+
+
+MODEL_WIDE = ("memory", "model_notes")
 
 
 def _finite(value: Any) -> Any:
