@@ -37,6 +37,8 @@ class ItemOutcome:
     # The gated stage whose regressions the status counts; None: any candidate (baseline runs, --stage=all).
     # A step rule also evaluates the previous rung, whose regressions are not the gated stage's.
     stage: str | None = None
+    prompt: str = ""  # the first request's context (plain text; a chat's messages flattened), for reading
+    choices: tuple[str, ...] = ()  # the answer choices (empty for generation tasks)
 
     @property
     def key(self) -> str:
@@ -88,6 +90,8 @@ class ItemOutcome:
             "loads": dict(self.loads),
             "notes": list(self.notes),
             "stage": self.stage,
+            "prompt": self.prompt,
+            "choices": list(self.choices),
         }
 
     @classmethod
@@ -105,6 +109,8 @@ class ItemOutcome:
             loads=dict(data.get("loads", {})),
             notes=tuple(data.get("notes", ())),
             stage=data.get("stage"),
+            prompt=str(data.get("prompt", "")),
+            choices=tuple(data.get("choices", ())),
         )
 
 

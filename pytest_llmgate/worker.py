@@ -104,6 +104,8 @@ class WorkerPlugin:
             loads=dict(engine.loads),
             notes=tuple(engine.notes),
             stage=self.target,
+            prompt=item.requests[0].context if item.requests else "",
+            choices=tuple(item.choices),
         )
         request.node.stash[OUTCOME] = outcome.as_dict()
         return outcome

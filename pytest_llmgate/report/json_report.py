@@ -170,6 +170,8 @@ def build_report(
                 "id": outcome.item_id,
                 "metric": outcome.metric,
                 "gold": outcome.gold,
+                "prompt": outcome.prompt,
+                "choices": list(outcome.choices),
                 "chance": outcome.chance,
                 "status": outcome.status,
                 "worker": outcome.worker,
