@@ -185,6 +185,7 @@ class GateController:
                     {"bold": True},
                 ),
             )
+        _junit_properties(self.config, decision, exit_code, complete=not problems)
         if state.report_path is not None:
             try:
                 write_report(
@@ -255,6 +256,22 @@ def _summaries(items: list[ItemOutcome]) -> tuple[dict[str, dict[str, Any]], dic
             loads[name] = max(loads.get(name, 0), count)
         notes.extend(note for note in outcome.notes if note not in notes)
     return models, workers, notes
+
+
+def _junit_properties(config: pytest.Config, decision: Any, exit_code: int, *, complete: bool) -> None:
+    """With --junitxml: the verdict as test-suite properties. pytest wrote the file before this (trylast) hook,
+    so it is written again, by pytest's own writer, with the properties in."""
+    from _pytest.junitxml import xml_key
+
+    xml = config.stash.get(xml_key, None)
+    if xml is None:
+        return
+    xml.add_global_property("llmgate_stage", decision.stage)
+    xml.add_global_property("llmgate_verdict", decision.verdict if complete else "incomplete")
+    xml.add_global_property("llmgate_exit_code", exit_code)
+    if decision.selected is not None:
+        xml.add_global_property("llmgate_selected_stage", decision.selected)
+    xml.pytest_sessionfinish()
 
 
 def _add_speed(models: dict[str, dict[str, Any]], speed: Any) -> None:

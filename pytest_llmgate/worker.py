@@ -108,6 +108,10 @@ class WorkerPlugin:
             choices=tuple(item.choices),
         )
         request.node.stash[OUTCOME] = outcome.as_dict()
+        # --junitxml writes these as the test case's properties (CI systems show them).
+        request.node.user_properties.extend(
+            [("llmgate_task", task.name), ("llmgate_doc_id", item.doc_id), ("llmgate_status", outcome.status)]
+        )
         return outcome
 
     @pytest.hookimpl(wrapper=True)

@@ -253,3 +253,20 @@ def test_report_has_one_line_per_item_and_collection_leaves_the_garbage_collecto
     assert len(item_lines) == len(report["items"]) == 20
     assert [json.loads(line.rstrip(",")) for line in item_lines] == report["items"]
     assert '\n "verdict": ' in text  # the rest stays indented
+
+
+def test_junitxml_carries_each_items_task_and_status_and_the_verdict(project):
+    import xml.etree.ElementTree as ET
+
+    result = project.run("--stage=harsh", "--junitxml=junit.xml", "--llmgate-report=r.json")
+    assert result.ret == 11
+    suite = ET.parse(project.path / "junit.xml").getroot().find("testsuite")
+    suite_properties = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert suite_properties == {"llmgate_stage": "harsh", "llmgate_verdict": "critical", "llmgate_exit_code": "11"}
+    report = project.report("r.json")
+    status = {(i["task"], str(i["doc_id"])): i["status"] for i in report["items"]}
+    cases = suite.findall("testcase")
+    assert len(cases) == len(status)
+    for case in cases:
+        properties = {p.get("name"): p.get("value") for p in case.find("properties")}
+        assert properties["llmgate_status"] == status[(properties["llmgate_task"], properties["llmgate_doc_id"])]
