@@ -38,4 +38,8 @@ if [ -n "$build_pid" ] && ! wait "$build_pid"; then
 fi
 $PIP install --quiet --find-links "$WHEELS" "llama-cpp-python[server]==$LLAMA_CPP_VERSION"
 $PIP install --quiet -e ".[test]"
+# The HTML report's browser test (tests/test_report_html.py) drives Debian's headless Chromium; it fails without it.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq chromium chromium-driver
+fi
 echo "installed into $(pwd)/.venv"
