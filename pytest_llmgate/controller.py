@@ -186,27 +186,27 @@ class GateController:
                 ),
             )
         _junit_properties(self.config, decision, exit_code, complete=not problems)
+        report = build_report(
+            decision=decision,
+            exit_code=exit_code,
+            stats=stats,
+            items=items,
+            models=models,
+            workers=workers,
+            harness_errors=self.harness_errors,
+            chance_margin=state.gate.chance_margin,
+            policy=state.gate.policy,
+            adaptive=state.adaptive,
+            skipped=state.adaptive_skipped,
+            problems=problems,
+            unchecked=unchecked,
+            notes=notes,
+        )
+        # Markdown, HTML, CSV, history (report/outputs.py) and plugins of the user's own read the same dict.
+        self.config.hook.pytest_llmgate_report(config=self.config, report=report)
         if state.report_path is not None:
             try:
-                write_report(
-                    state.report_path,
-                    build_report(
-                        decision=decision,
-                        exit_code=exit_code,
-                        stats=stats,
-                        items=items,
-                        models=models,
-                        workers=workers,
-                        harness_errors=self.harness_errors,
-                        chance_margin=state.gate.chance_margin,
-                        policy=state.gate.policy,
-                        adaptive=state.adaptive,
-                        skipped=state.adaptive_skipped,
-                        problems=problems,
-                        unchecked=unchecked,
-                        notes=notes,
-                    ),
-                )
+                write_report(state.report_path, report)
             except OSError as error:
                 # The verdict and the exit code stand; only the file is missing, and the summary says so.
                 self.report_error = (

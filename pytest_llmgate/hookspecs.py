@@ -32,3 +32,13 @@ def pytest_llmgate_outcome(config: pytest.Config, outcome: Any) -> None:
     Arrival order is xdist's delivery order. ``--llmgate-adaptive`` uses it to stop resolved tasks; a
     plugin of your own can watch a run's progress with it.
     """
+
+
+@pytest.hookspec
+def pytest_llmgate_report(config: pytest.Config, report: dict[str, Any]) -> None:
+    """Called once on the controller with the run's report (the JSON report's dict, schema llmgate-report/1),
+    after the verdict and before the terminal summary; whether or not ``--llmgate-report`` writes it to a file.
+
+    The Markdown, HTML and CSV reports and the run history are written from it; a plugin of your own can send
+    it elsewhere. Do not change the dict: every implementation sees the same one.
+    """

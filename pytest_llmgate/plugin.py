@@ -77,6 +77,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="PATH",
         help="write the JSON report (schema llmgate-report/1) to PATH",
     )
+    for name, what in (
+        ("md", "a Markdown summary (verdict, comparison table, failed rules, size and speed) for a pull request"),
+        ("html", "a self-contained HTML report with charts and an item browser"),
+        ("csv", "one CSV row per task x stage with every figure of the table"),
+    ):
+        group.addoption(f"--llmgate-{name}", dest=f"llmgate_{name}", default=None, metavar="PATH", help=f"write {what}")
+    group.addoption(
+        "--llmgate-trend",
+        dest="llmgate_trend",
+        action="store_true",
+        help="print each task's retention over the last runs of this stage from the run history, flagging drift",
+    )
     group.addoption(
         "--llmgate-config",
         dest="llmgate_config",
@@ -180,6 +192,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("llmgate_tasks", "default --llmgate-tasks: comma-separated tasks to run", default=None)
     parser.addini("llmgate_cache", "default --llmgate-cache: the result cache file", default=None)
     parser.addini("llmgate_no_cache", "default --llmgate-no-cache", type="bool", default=False)
+    parser.addini("llmgate_md", "default --llmgate-md: the Markdown summary's path", default=None)
+    parser.addini("llmgate_html", "default --llmgate-html: the HTML report's path", default=None)
+    parser.addini("llmgate_csv", "default --llmgate-csv: the CSV's path", default=None)
+    parser.addini("llmgate_trend", "default --llmgate-trend", type="bool", default=False)
     parser.addini("llmgate_no_speed", "default --llmgate-no-speed", type="bool", default=False)
     parser.addini("llmgate_policy", "default --llmgate-policy: point, strict or lenient", default=None)
     parser.addini("llmgate_adaptive", "default --llmgate-adaptive", type="bool", default=False)
@@ -258,8 +274,11 @@ def _run_state(config: pytest.Config) -> Any:
     workerinput = getattr(config, "workerinput", None)
     report = _option(config, "llmgate_report")
     report_path = Path(report).resolve() if report else None
-    if report_path is not None and workerinput is None:
-        _check_report_path(report_path)
+    if workerinput is None:
+        for option in ("report", "md", "html", "csv"):
+            value = report_path if option == "report" else _option(config, f"llmgate_{option}")
+            if value is not None:
+                _check_report_path(Path(value).resolve(), f"--llmgate-{option}")
     base = gate.source.parent if gate.source is not None else config.rootpath
     return RunState(
         gate=gate,
@@ -305,6 +324,18 @@ def _register_features(config: pytest.Config, state: Any) -> None:
         plugins.register(SpeedPlugin(config, state), "llmgate-speed")
     if state.is_controller:
         from .controller import GateController
+        from .report.outputs import ReportsPlugin
+
+        reports = ReportsPlugin(
+            config,
+            state,
+            md=_option(config, "llmgate_md"),
+            html=_option(config, "llmgate_html"),
+            csv=_option(config, "llmgate_csv"),
+            trend=bool(_option(config, "llmgate_trend")),
+        )
+        if reports.on:  # registered before the controller, so that its lines follow the controller's summary
+            plugins.register(reports, "llmgate-reports")
 
         plugins.register(GateController(config, state), "llmgate-controller")
         if plugins.hasplugin("xdist") and getattr(config.option, "dist", "no") != "no":  # -n / --dist in use
@@ -326,24 +357,31 @@ def _ini_positive_int(text: str) -> int:
         raise ConfigError(f"llmgate: ini key llmgate_limit: {error}") from None
 
 
-def _check_report_path(path: Path) -> None:
+SUGGESTED_NAMES = {
+    "--llmgate-report": "llmgate.json",
+    "--llmgate-md": "llmgate.md",
+    "--llmgate-html": "llmgate.html",
+    "--llmgate-csv": "llmgate.csv",
+}
+
+
+def _check_report_path(path: Path, option: str = "--llmgate-report") -> None:
     """A report that cannot be written is a usage error before anything is evaluated, not a lost verdict after."""
     from .config import ConfigError
 
     if path.is_dir():
         raise ConfigError(
-            f"llmgate: --llmgate-report {path} is a folder; give a file path such as {path / 'llmgate.json'}"
+            f"llmgate: {option} {path} is a folder; give a file path such as {path / SUGGESTED_NAMES[option]}"
         )
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
         raise ConfigError(
-            f"llmgate: --llmgate-report {path}: {folder} is a file, so the report cannot be written "
-            "there; choose another path"
+            f"llmgate: {option} {path}: {folder} is a file, so the report cannot be written there; choose another path"
         )
     if not os.access(folder, os.W_OK):
-        raise ConfigError(f"llmgate: --llmgate-report {path}: {folder} is not writable; choose another path")
+        raise ConfigError(f"llmgate: {option} {path}: {folder} is not writable; choose another path")
 
 
 @pytest.fixture

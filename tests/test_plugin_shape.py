@@ -61,6 +61,11 @@ def test_each_feature_is_one_plugin_registered_only_when_on(project):
     project.run("--stage=mild", "--llmgate-no-cache", "--llmgate-no-speed")
     assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
         "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-worker"]
+    # The reports' plugin: a report asked for, or the run history (kept beside the result cache).
+    for reports in (("--llmgate-no-cache", "--llmgate-csv=r.csv"), ()):
+        project.run("--stage=mild", "--llmgate-no-speed", *reports)
+        assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
+            "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-reports", "llmgate-worker"]
     project.run("--stage=mild", "--llmgate-no-cache", "--llmgate-adaptive")
     assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
         "llmgate", "llmgate-adaptive", "llmgate-adaptive-controller", "llmgate-collection", "llmgate-controller",
