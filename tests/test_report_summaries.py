@@ -30,7 +30,7 @@ def test_markdown_has_the_verdict_the_comparison_table_and_the_failed_rules(repo
     assert cells[:4] == ["arc_challenge", task["metric"], str(task["n"]), f"{task['baseline']['score']:.3f}"]
     assert cells[4:6] == [f"{mild['candidate']['score']:.3f}", f"{harsh['candidate']['score']:.3f}"]
     assert cells[6].startswith(f"{mild['retention']:.3f} [") and cells[6].endswith("✅")
-    assert "**Failed at `harsh`**" in text and "CRITICAL" in text
+    assert "**Failed at `harsh`**" in text and "- critical: any task below 80% of baseline" in text
     assert "Failed at `mild`" not in text
     assert "Size, speed and memory" not in text  # nothing was measured by the double backend
     assert "<details><summary>Regressed items" in text  # harsh regressed items

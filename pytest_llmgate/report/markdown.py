@@ -99,7 +99,7 @@ def _failed_rules(stages: Mapping[str, Any]) -> list[str]:
         failed = [r for r in stage.get("rules", ()) if not r.get("passed")]
         if failed:
             lines += ["", f"**Failed at `{name}`**"]
-            lines += [f"- {'CRITICAL ' if r.get('critical') else ''}{r['rule']}: {r.get('detail', '')}" for r in failed]
+            lines += [f"- {_critical(r)}{r['rule']}: {r.get('detail', '')}" for r in failed]
     return lines
 
 
@@ -161,3 +161,8 @@ def _answer(side: Mapping[str, Any], choices: Sequence[str]) -> str:
         return choices[int(side["prediction"])][:60]
     completions = side.get("completions")
     return str(completions[0])[:60] if completions else DASH
+
+
+def _critical(rule: Mapping[str, Any]) -> str:
+    """A marker for a critical rule whose label does not already say so."""
+    return "CRITICAL " if rule.get("critical") and not str(rule["rule"]).lower().startswith("critical") else ""
