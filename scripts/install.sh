@@ -24,6 +24,16 @@ if ! compgen -G "$WHEELS/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl" >/dev/null; 
         $PIP wheel --quiet --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS" >"$build_log" 2>&1 &
     build_pid=$!
 fi
+# The HTML report's browser test (tests/test_report_html.py) drives Debian's headless Chromium: installed in the
+# background too, when it is missing and apt-get can run (as root).
+browser_pid=""
+browser_log="$WHEELS/apt-chromium.log"
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing chromium and chromium-driver with apt-get (log: $browser_log)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+        >"$browser_log" 2>&1 &
+    browser_pid=$!
+fi
 # torch first and pinned: on the project's machines this is a local CPU wheel; left to a resolver,
 # a bare "torch" would pull the newest CUDA build (several GB).
 $PIP install --quiet "torch==2.13.0"
@@ -38,8 +48,9 @@ if [ -n "$build_pid" ] && ! wait "$build_pid"; then
 fi
 $PIP install --quiet --find-links "$WHEELS" "llama-cpp-python[server]==$LLAMA_CPP_VERSION"
 $PIP install --quiet -e ".[test]"
-# The HTML report's browser test (tests/test_report_html.py) drives Debian's headless Chromium; it fails without it.
-if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq chromium chromium-driver
+if [ -n "$browser_pid" ] && ! wait "$browser_pid"; then
+    tail -n 30 "$browser_log" >&2
+    echo "Debian's chromium did not install (log above, in full at $browser_log); the HTML report's browser test needs it" >&2
+    exit 1
 fi
 echo "installed into $(pwd)/.venv"
