@@ -1,9 +1,14 @@
 """The CSV (``--llmgate-csv``): one row per task x stage with every figure of the table, from the report's dict.
 
-Columns, in this order: task, metric, n, chance, informative, stage, stage_verdict, baseline_score, stage_score,
-retention, retention_ci_low, retention_ci_high, threshold, passed, wins, losses, ties, mcnemar_p,
-noninferiority_p, and the stage model's size_bytes, compression_ratio, bits_per_weight, latency_p95_ms,
-latency_ratio, decode_tokens_per_s, peak_memory_mb. An absent figure is an empty cell.
+Columns, in this order (``COLUMNS``; new columns are only ever appended):
+
+task, metric, n, chance, informative, stage, stage_verdict, baseline_score, stage_score, retention,
+retention_ci_low, retention_ci_high, threshold, passed, wins, losses, ties, mcnemar_p, noninferiority_p,
+then the stage model's size_bytes, compression_ratio, bits_per_weight, latency_p95_ms, latency_ratio,
+decode_tokens_per_s, peak_memory_mb, and the latency ratio's interval latency_ratio_low, latency_ratio_high.
+
+Stages come in the report's order (the ladder's), tasks sorted within each stage. An absent figure is an empty
+cell; booleans are ``True``/``False``; numbers are written as Python prints them, so they read back exactly.
 """
 
 from __future__ import annotations
@@ -17,19 +22,28 @@ COLUMNS = (
     "task", "metric", "n", "chance", "informative", "stage", "stage_verdict", "baseline_score", "stage_score",
     "retention", "retention_ci_low", "retention_ci_high", "threshold", "passed", "wins", "losses", "ties",
     "mcnemar_p", "noninferiority_p", "size_bytes", "compression_ratio", "bits_per_weight", "latency_p95_ms",
-    "latency_ratio", "decode_tokens_per_s", "peak_memory_mb",
+    "latency_ratio", "decode_tokens_per_s", "peak_memory_mb", "latency_ratio_low", "latency_ratio_high",
 )  # fmt: skip
 
 
+def _get(mapping: Any, *keys: str) -> Any:
+    """``mapping[k1][k2]...``, or None where a level is missing or null."""
+    for key in keys:
+        if not isinstance(mapping, Mapping):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
 def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The rows, as dicts keyed by ``COLUMNS``."""
+    """The rows, as dicts keyed by ``COLUMNS`` (None where the report has no figure)."""
     rows = []
     models: Mapping[str, Any] = report.get("models") or {}
     for stage, verdict in (report.get("stages") or {}).items():
         info = models.get(stage) or {}
         speed = info.get("speed") or {}
-        ratio = (speed.get("vs_reference") or {}).get("latency_ratio") or {}
-        for task, t in (verdict.get("tasks") or {}).items():
+        ratio = _get(speed, "vs_reference", "latency_ratio") or {}
+        for task, t in sorted((verdict.get("tasks") or {}).items()):
             ci = t.get("retention_ci") or [None, None]
             rows.append(
                 {
@@ -40,8 +54,8 @@ def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "informative": t.get("informative"),
                     "stage": stage,
                     "stage_verdict": verdict.get("verdict"),
-                    "baseline_score": (t.get("baseline") or {}).get("score"),
-                    "stage_score": (t.get("candidate") or {}).get("score"),
+                    "baseline_score": _get(t, "baseline", "score"),
+                    "stage_score": _get(t, "candidate", "score"),
                     "retention": t.get("retention"),
                     "retention_ci_low": ci[0],
                     "retention_ci_high": ci[1],
@@ -50,22 +64,24 @@ def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "wins": t.get("wins"),
                     "losses": t.get("losses"),
                     "ties": t.get("ties"),
-                    "mcnemar_p": (t.get("mcnemar") or {}).get("p_value"),
-                    "noninferiority_p": (t.get("noninferiority") or {}).get("p_value"),
+                    "mcnemar_p": _get(t, "mcnemar", "p_value"),
+                    "noninferiority_p": _get(t, "noninferiority", "p_value"),
                     "size_bytes": info.get("size_bytes"),
                     "compression_ratio": info.get("compression_ratio"),
                     "bits_per_weight": info.get("bits_per_weight"),
-                    "latency_p95_ms": (speed.get("latency_ms") or {}).get("p95"),
+                    "latency_p95_ms": _get(speed, "latency_ms", "p95"),
                     "latency_ratio": ratio.get("point"),
                     "decode_tokens_per_s": speed.get("decode_tokens_per_s"),
                     "peak_memory_mb": info.get("peak_memory_mb"),
+                    "latency_ratio_low": ratio.get("lo"),
+                    "latency_ratio_high": ratio.get("hi"),
                 }
             )
     return rows
 
 
-def write_csv(report: Mapping[str, Any], path: Path) -> None:
-    """Write ``csv_rows(report)`` with a header row."""
+def write_csv(report: Mapping[str, Any], path: str | Path) -> None:
+    """Write ``csv_rows(report)`` with a header row; None becomes an empty cell."""
     with Path(path).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()

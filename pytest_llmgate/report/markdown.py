@@ -2,28 +2,59 @@
 
 Short enough for a pull-request comment: the verdict, the comparison table (task x baseline x each stage x the
 final stage's retention), the failed rules, the recommendations, size and speed when measured, and the most
-telling regressed items folded away.
+telling regressed items folded away. It renders what the report says and recomputes nothing; a figure the report
+does not have is an en dash, never "None".
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 DASH = "\u2013"  # an en dash: a figure that was not measured
 REGRESSED_SHOWN = 10
+ANSWER_CHARS = 60
+PROMPT_CHARS = 70
 
 
 def _num(value: Any, spec: str = ".3f", suffix: str = "") -> str:
-    return DASH if value is None else f"{value:{spec}}{suffix}"
+    """``value`` formatted, or a dash when it is absent or not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return DASH
+    return f"{value:{spec}}{suffix}"
 
 
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+def _text(value: Any) -> str:
+    return DASH if value is None or value == "" else str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def _cell(value: Any) -> str:
+    """A table cell: one line, and no pipe or tag of its text can break the table or the page."""
+    text = " ".join(str(value).split())
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def _line(text: str) -> str:
+    """A list line whose text cannot open a tag (a rule's detail may say "< 0.90")."""
+    return " ".join(text.split()).replace("<", "&lt;")
+
+
+def _row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
+
+
+def _get(mapping: Any, *keys: str) -> Any:
+    """``mapping[k1][k2]...``, or None where a level is missing or null."""
+    for key in keys:
+        if not isinstance(mapping, Mapping):
+            return None
+        mapping = mapping.get(key)
+    return mapping
 
 
 def final_stage(report: Mapping[str, Any]) -> str | None:
@@ -37,9 +68,9 @@ def final_stage(report: Mapping[str, Any]) -> str | None:
 
 
 def _headline(report: Mapping[str, Any]) -> str:
-    verdict = str(report.get("verdict", "")).upper()
+    verdict = str(report.get("verdict") or DASH).upper()
     stage = report.get("stage")
-    exit_code = report.get("exit_code")
+    exit_code = _text(report.get("exit_code"))
     if report.get("verdict") == "incomplete":
         first = (report.get("problems") or ["see the run's output"])[0]
         return f"## llmgate: INCOMPLETE (exit {exit_code}): {first}"
@@ -47,46 +78,55 @@ def _headline(report: Mapping[str, Any]) -> str:
         selected = report.get("selected_stage")
         what = f"the ladder selects **{selected}**" if selected else "no stage of the ladder passes"
         return f"## llmgate: {what} (exit {exit_code})"
-    return f"## llmgate: stage `{stage}` **{verdict}** (exit {exit_code})"
+    return f"## llmgate: stage `{_text(stage)}` **{verdict}** (exit {exit_code})"
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The summary as GitHub-flavoured Markdown."""
     lines = [_headline(report), ""]
     stages: Mapping[str, Any] = report.get("stages") or {}
-    final = final_stage(report)
+    names = list(stages)
+    lines += _comparison(report, stages)
     if stages:
-        names = list(stages)
-        header = ["task", "metric", "n", "baseline", *names]
-        if final is not None:
-            header.append(f"retention ({final})")
-        rows = []
-        for task, figures in (report.get("tasks") or {}).items():
-            scores = [_num(((stages[s].get("tasks") or {}).get(task) or {}).get("candidate", {}).get("score"))
-                      for s in names]  # fmt: skip
-            row = [task, figures.get("metric", ""), str(figures.get("n", "")),
-                   _num((figures.get("baseline") or {}).get("score")), *scores]  # fmt: skip
-            if final is not None:
-                row.append(_retention_cell(((stages[final].get("tasks") or {}).get(task)) or {}))
-            rows.append(row)
-        lines += _table(header, rows)
-        verdicts = ", ".join(f"{name} **{stage.get('verdict')}**" for name, stage in stages.items())
+        verdicts = ", ".join(f"{name} **{_text(stage.get('verdict'))}**" for name, stage in stages.items())
         lines += ["", f"Stages: {verdicts}."]
     lines += _failed_rules(stages)
-    advice = [a for stage in stages.values() for a in stage.get("recommendations", ())]
+    advice = [a for stage in stages.values() for a in stage.get("recommendations") or ()]
+    advice += list(report.get("recommendations") or ())
     if advice:
-        lines += ["", "**Recommendations**", *(f"- {a}" for a in dict.fromkeys(advice))]
-    lines += _efficiency(report, list(stages))
-    lines += _regressed(report, list(stages))
+        lines += ["", "**Recommendations**", *(_line(f"- {a}") for a in dict.fromkeys(advice))]
+    lines += _efficiency(report, names)
+    lines += _regressed(report, names)
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _comparison(report: Mapping[str, Any], stages: Mapping[str, Any]) -> list[str]:
+    """Task x baseline x each stage's score, then the final stage's retention with its interval and mark."""
+    tasks: Mapping[str, Any] = report.get("tasks") or {}
+    if not tasks:
+        return []
+    names = list(stages)
+    final = final_stage(report)
+    header = ["task", "metric", "n", "baseline", *names]
+    if final is not None:
+        header.append(f"retention ({final})")
+    rows = []
+    for task, figures in tasks.items():
+        scores = [_num(_get(stages[s], "tasks", task, "candidate", "score")) for s in names]
+        row = [task, _text(figures.get("metric")), _text(figures.get("n")), _num(_get(figures, "baseline", "score"))]
+        row += scores
+        if final is not None:
+            row.append(_retention_cell(_get(stages, final, "tasks", task) or {}))
+        rows.append(row)
+    return _table(header, rows)
+
+
 def _retention_cell(task: Mapping[str, Any]) -> str:
-    if not task:
+    if not task or task.get("retention") is None:
         return DASH
     value = _num(task.get("retention"))
-    ci = task.get("retention_ci")
-    if ci and ci[0] is not None:
+    ci = task.get("retention_ci") or [None, None]
+    if ci[0] is not None or ci[1] is not None:
         value += f" [{_num(ci[0])}, {_num(ci[1]) if ci[1] is not None else 'inf'}]"
     if not task.get("informative", True):
         return value + " (at chance)"
@@ -96,34 +136,48 @@ def _retention_cell(task: Mapping[str, Any]) -> str:
 def _failed_rules(stages: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     for name, stage in stages.items():
-        failed = [r for r in stage.get("rules", ()) if not r.get("passed")]
+        failed = [r for r in stage.get("rules") or () if not r.get("passed")]
         if failed:
             lines += ["", f"**Failed at `{name}`**"]
-            lines += [f"- {_critical(r)}{r['rule']}: {r.get('detail', '')}" for r in failed]
+            lines += [_line(f"- {_critical(r)}{r.get('rule')}: {_text(r.get('detail'))}") for r in failed]
     return lines
 
 
+def _latency_ratio(speed: Mapping[str, Any]) -> str:
+    vs = speed.get("vs_reference") or {}
+    ratio = vs.get("latency_ratio") or {}
+    if ratio.get("point") is None:
+        return DASH
+    text = _num(ratio["point"], ".2f", "x")
+    if ratio.get("lo") is not None or ratio.get("hi") is not None:
+        text += f" [{_num(ratio.get('lo'), '.2f')}, {_num(ratio.get('hi'), '.2f')}]"
+    if vs.get("reference_model"):
+        text += f" vs {vs['reference_model']}"
+    if vs.get("same_runtime") is False:
+        text += " (another runtime)"
+    return text
+
+
 def _efficiency(report: Mapping[str, Any], stages: Sequence[str]) -> list[str]:
+    """Size, speed and memory per stage (the baseline first, for scale), when any was measured."""
     models: Mapping[str, Any] = report.get("models") or {}
-    figures = [models.get(s) or {} for s in stages]
-    if not any(f.get("size_bytes") or f.get("speed") or f.get("peak_memory_mb") for f in figures):
+    measured = ("size_bytes", "speed", "peak_memory_mb")
+    if not any((models.get(s) or {}).get(key) for s in stages for key in measured):
         return []
+    roles = ["baseline", *stages] if any((models.get("baseline") or {}).get(k) for k in measured) else list(stages)
     rows = []
-    for name, info in zip(stages, figures, strict=True):
+    for name in roles:
+        info = models.get(name) or {}
         speed = info.get("speed") or {}
-        vs = speed.get("vs_reference") or {}
-        ratio = vs.get("latency_ratio")
-        latency = DASH if not ratio else f"{ratio['point']:.2f}x [{ratio['lo']:.2f}, {ratio['hi']:.2f}]"
-        if ratio and not vs.get("same_runtime"):
-            latency += " (another runtime)"
+        size = info.get("size_bytes")
         rows.append(
             [
                 name,
-                _num(info["size_bytes"] / 1e6 if info.get("size_bytes") else None, ".1f"),
+                _num(size / 1e6 if isinstance(size, (int, float)) else None, ".1f"),
                 _num(info.get("compression_ratio"), ".2f", "x"),
                 _num(info.get("bits_per_weight"), ".2f"),
-                _num((speed.get("latency_ms") or {}).get("p95"), ".0f"),
-                latency,
+                _num(_get(speed, "latency_ms", "p95"), ".0f"),
+                _latency_ratio(speed),
                 _num(speed.get("decode_tokens_per_s"), ".0f"),
                 _num(info.get("peak_memory_mb"), ".0f"),
             ]
@@ -133,36 +187,70 @@ def _efficiency(report: Mapping[str, Any], stages: Sequence[str]) -> list[str]:
 
 
 def _regressed(report: Mapping[str, Any], stages: Sequence[str]) -> list[str]:
-    """The first regressed items: the gold answer, and the baseline's and each stage's answers."""
-    items = [i for i in report.get("items") or () if i.get("status") == "regressed"]
+    """The first regressed items: the end of the prompt, the gold answer, the baseline's and each stage's answers."""
+    items = [i for i in report.get("items") or () if isinstance(i, Mapping) and i.get("status") == "regressed"]
     if not items or not stages:
         return []
     shown = items[:REGRESSED_SHOWN]
     rows = []
     for item in shown:
-        choices = item.get("choices") or []
-        gold = choices[item["gold"]][:60] if choices and 0 <= int(item.get("gold", -1)) < len(choices) else DASH
-        answers = [_answer((item.get("stages") or {}).get(s) or {}, choices) for s in stages]
-        rows.append([f"{item['task']} {item['id']}", gold, _answer(item.get("baseline") or {}, choices), *answers])
-    more = f" (first {len(shown)} of {len(items)})" if len(items) > len(shown) else ""
+        choices = [str(c) for c in item.get("choices") or ()]
+        metric = str(item.get("metric") or "")
+        sides = [item.get("baseline") or {}, *((_get(item, "stages", s) or {}) for s in stages)]
+        answers = [_answer(side, choices, metric) for side in sides]
+        prompt = _tail(str(item.get("prompt") or ""), PROMPT_CHARS)
+        rows.append([f"{item.get('task')} {item.get('id')}", prompt or DASH, _gold(item, choices), *answers])
+    more = f" (first {len(shown)} of {len(items)})" if len(items) > len(shown) else f" ({len(items)})"
     return [
         "",
         f"<details><summary>Regressed items{more}</summary>",
         "",
-        *_table(["item", "gold", "baseline", *stages], rows),
+        *_table(["item", "prompt", "gold", "baseline", *stages], rows),
         "",
         "</details>",
     ]
 
 
-def _answer(side: Mapping[str, Any], choices: Sequence[str]) -> str:
-    """A model's choice, or its first completion, shortened."""
-    if "prediction" in side and choices and 0 <= int(side["prediction"]) < len(choices):
-        return choices[int(side["prediction"])][:60]
+def _tail(text: str, limit: int) -> str:
+    """The end of a prompt (the question is last, after any few-shot examples), on one line."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    tail = text[-limit:]
+    return "…" + (tail.split(" ", 1)[1] if " " in tail[:-1] else tail)  # from a word's start
+
+
+def _choice(choices: Sequence[str], index: Any) -> str | None:
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(choices):
+        return None
+    return choices[index][:ANSWER_CHARS]
+
+
+def _gold(item: Mapping[str, Any], choices: Sequence[str]) -> str:
+    """The right choice, or a generation task's reference answer."""
+    gold = _choice(choices, item.get("gold"))
+    if gold is not None:
+        return gold
+    reference = _get(item, "baseline", "reference")
+    return DASH if reference is None else str(reference)[:ANSWER_CHARS]
+
+
+def _answer(side: Mapping[str, Any], choices: Sequence[str], metric: str) -> str:
+    """A model's choice (the normalized one for acc_norm), or what it extracted from its completion, shortened."""
+    if not side:
+        return DASH
+    key = "prediction_norm" if metric == "acc_norm" and "prediction_norm" in side else "prediction"
+    chosen = _choice(choices, side.get(key))
+    if chosen is not None:
+        return chosen
+    for extracted in ("extracted", "extracted_strict", "extracted_flexible"):
+        if side.get(extracted) not in (None, ""):
+            return str(side[extracted])[:ANSWER_CHARS]
     completions = side.get("completions")
-    return str(completions[0])[:60] if completions else DASH
+    completion = side.get("completion", completions[0] if isinstance(completions, list) and completions else None)
+    return DASH if completion is None else _tail(str(completion), ANSWER_CHARS)
 
 
 def _critical(rule: Mapping[str, Any]) -> str:
     """A marker for a critical rule whose label does not already say so."""
-    return "CRITICAL " if rule.get("critical") and not str(rule["rule"]).lower().startswith("critical") else ""
+    return "CRITICAL " if rule.get("critical") and not str(rule.get("rule")).lower().startswith("critical") else ""
