@@ -59,7 +59,8 @@ def test_incomplete_runs_say_so_first():
 def test_csv_has_one_row_per_task_and_stage_with_the_reports_figures(report, tmp_path):
     path = tmp_path / "r.csv"
     write_csv(report, path)
-    rows = list(csv.DictReader(path.open()))
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
     assert len(rows) == len(report["tasks"]) * len(report["stages"]) == len(csv_rows(report))
     assert list(rows[0]) == list(COLUMNS)
     for row in rows:

@@ -29,7 +29,8 @@ def test_one_run_writes_every_report_and_the_history(project, monkeypatch):
     assert summary.read_text() == "an earlier step's summary\n" + markdown + "\n"
     page = (project.path / "out" / "r.html").read_text()
     assert page.lstrip().lower().startswith("<!doctype html") and "<svg" in page
-    rows = list(csv.DictReader((project.path / "out" / "r.csv").open()))
+    with (project.path / "out" / "r.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
     assert len(rows) == len(report["tasks"]) * len(report["stages"])
     for kind in ("Markdown summary", "HTML report", "CSV"):
         first.stdout.fnmatch_lines([f"llmgate {kind}: *out*"])
