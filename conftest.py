@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
+
+# selenium (the HTML report's browser test) needs trio, which registers a Hypothesis plugin that Hypothesis warns
+# about when it loads: pytest runs that the tests start in subprocesses (xdist workers too) would count that warning.
+os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
 
 # pytester's inline runs drop modules first imported during a run from sys.modules; importing
 # torch's (or numpy's) C extension a second time then fails or crashes the interpreter. Importing
