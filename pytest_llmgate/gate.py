@@ -480,42 +480,20 @@ def efficiency_rules(
 
     no_speed = run.speed_missing or "the stage model was not probed"
     reference = config.speed_reference(stage).name
-    if stage.max_latency_ratio is not None:
-        label = f"p95 latency <= {stage.max_latency_ratio:g}x {reference}"
-        if "latency_ratio" not in vs:
+    ratio_rules = (  # (limit, figure in vs_reference, upper bound?, label, what the detail calls it)
+        (stage.max_latency_ratio, "latency_ratio", True, "p95 latency <=", "p95 latency ratio"),
+        (stage.min_throughput_ratio, "throughput_ratio", False, "throughput >=", "tokens/s ratio"),
+    )
+    for limit, key, upper, asks, what in ratio_rules:
+        if limit is None:
+            continue
+        label = f"{asks} {limit:g}x {reference}"
+        if key not in vs:
             results.append(missing(label, no_speed))
         elif not vs.get("same_runtime"):
             results.append(RuleResult(label, False, "the reference ran in another runtime: not a compression ratio"))
         else:
-            results.append(
-                _interval_rule(
-                    label,
-                    vs["latency_ratio"],
-                    stage.max_latency_ratio,
-                    upper=True,
-                    policy=policy,
-                    unit="x",
-                    what="p95 latency ratio",
-                )
-            )
-    if stage.min_throughput_ratio is not None:
-        label = f"throughput >= {stage.min_throughput_ratio:g}x {reference}"
-        if "throughput_ratio" not in vs:
-            results.append(missing(label, no_speed))
-        elif not vs.get("same_runtime"):
-            results.append(RuleResult(label, False, "the reference ran in another runtime: not a compression ratio"))
-        else:
-            results.append(
-                _interval_rule(
-                    label,
-                    vs["throughput_ratio"],
-                    stage.min_throughput_ratio,
-                    upper=False,
-                    policy=policy,
-                    unit="x",
-                    what="tokens/s ratio",
-                )
-            )
+            results.append(_interval_rule(label, vs[key], limit, upper=upper, policy=policy, unit="x", what=what))
     if stage.max_latency_ms is not None:
         label = f"p95 latency <= {stage.max_latency_ms:g} ms"
         latency = speed.get("latency_ms")

@@ -408,26 +408,16 @@ def summarize(
         def mean_of_rows(rows: Any) -> Any:
             return rows.mean(axis=-1)
 
-        if role in latency_rounds and reference in latency_rounds:
-            point, lo, hi = ratio_interval(
-                latency_rounds[reference],
-                latency_rounds[role],
-                p95_of_rows,
-                paired=True,
-                confidence=confidence,
-                seed=gate.seed,
-            )
-            vs["latency_ratio"] = {"point": round(point, 4), "lo": round(lo, 4), "hi": round(hi, 4)}
-        if throughput_rounds.get(role) and throughput_rounds.get(reference):
-            point, lo, hi = ratio_interval(
-                throughput_rounds[reference],
-                throughput_rounds[role],
-                mean_of_rows,
-                paired=False,
-                confidence=confidence,
-                seed=gate.seed,
-            )
-            vs["throughput_ratio"] = {"point": round(point, 4), "lo": round(lo, 4), "hi": round(hi, 4)}
+        # p95 latency over rounds paired by prompt; throughput's rounds are not paired.
+        for key, timed, statistic, paired in (
+            ("latency_ratio", latency_rounds, p95_of_rows, True),
+            ("throughput_ratio", throughput_rounds, mean_of_rows, False),
+        ):
+            if timed.get(role) and timed.get(reference):
+                point, lo, hi = ratio_interval(
+                    timed[reference], timed[role], statistic, paired=paired, confidence=confidence, seed=gate.seed
+                )
+                vs[key] = {"point": round(point, 4), "lo": round(lo, 4), "hi": round(hi, 4)}
         ref_memory, memory = out[reference].get("memory"), figures.get("memory")
         if ref_memory and memory and ref_memory.get("peak_memory_mb"):
             vs["memory_ratio"] = round(memory["peak_memory_mb"] / ref_memory["peak_memory_mb"], 4)
