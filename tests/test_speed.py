@@ -8,13 +8,14 @@ pytest-benchmark's own rounds, that rules decide on them as configured, and what
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from pytest_llmgate.config import ConfigError, ModelSpec, SpeedSettings, StageSpec, parse_config
 from pytest_llmgate.gate import RunFigures, StageVerdict, decide_ladder, efficiency_rules, ladder_order
-from pytest_llmgate.models.memory import MemoryMeter
 from pytest_llmgate.speed import probe_cases, runtime_of
 from pytest_llmgate.stats import ratio_interval, timing_interval
 from pytest_llmgate.tasks import TASKS
@@ -304,11 +305,16 @@ def test_a_fake_quantized_model_is_labelled_as_running_in_float():
 
 
 def test_memory_meter_sees_what_an_allocation_adds():
-    meter = MemoryMeter("cpu").start()
-    block = bytearray(200 * 1024 * 1024)  # zero-filled: every page touched
-    block[::4096] = b"x" * len(block[::4096])
-    figures = meter.stop()
-    del block
+    # In a fresh process: in this one, memory that earlier tests freed may still be resident and be reused.
+    code = (
+        "import json; from pytest_llmgate.models.memory import MemoryMeter\n"
+        "meter = MemoryMeter('cpu').start()\n"
+        "block = bytearray(200 * 1024 * 1024)\n"
+        "block[::4096] = b'x' * len(block[::4096])  # every page touched\n"
+        "print(json.dumps(meter.stop()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    figures = json.loads(done.stdout)
     assert figures["peak_memory_mb"] >= 190 and figures["memory_kind"] == "peak RSS growth"
 
 
