@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import pytest
 
@@ -749,6 +749,102 @@ def _speed_settings(raw: Any) -> SpeedSettings:
     return settings
 
 
+TrackerMode = Literal["online", "offline", "disabled"]
+TRACKER_MODES: tuple[TrackerMode, ...] = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    """``[tool.llmgate.wandb]`` (or ``--llmgate-wandb``): log the run's figures to Weights & Biases.
+
+    ``mode`` None leaves the choice to W&B (``WANDB_MODE``, the login); ``dir`` is where its run files go
+    (relative to the config file; default W&B's own, ``./wandb``).
+    """
+
+    enabled: bool = True
+    project: str = "llmgate"
+    entity: str | None = None
+    mode: TrackerMode | None = None
+    dir: Path | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    """``[tool.llmgate.mlflow]`` (or ``--llmgate-mlflow``): log the run's figures to MLflow.
+
+    ``tracking_uri`` None leaves it to MLflow (``MLFLOW_TRACKING_URI``, else its default store).
+    """
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "llmgate"
+    run_name: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+def _tracker_text(table: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(f"{where}.{key}", f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _tracker_enabled(table: Mapping[str, Any], where: str) -> bool:
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise _fail(f"{where}.enabled", f"expected true or false, got {enabled!r}")
+    return enabled
+
+
+def _wandb_settings(raw: Any, base: Path) -> WandbSettings | None:
+    if raw is None:
+        return None
+    where = "[tool.llmgate.wandb]"
+    table = _table(raw, where)
+    _check_keys(table, [f.name for f in fields(WandbSettings)], where)
+    mode = _tracker_text(table, "mode", where)
+    if mode is not None and mode not in TRACKER_MODES:
+        raise _fail(f"{where}.mode", f"expected one of {', '.join(TRACKER_MODES)}, got {mode!r}")
+    folder = _tracker_text(table, "dir", where)
+    return WandbSettings(
+        enabled=_tracker_enabled(table, where),
+        project=_tracker_text(table, "project", where) or WandbSettings.project,
+        entity=_tracker_text(table, "entity", where),
+        mode=cast(TrackerMode, mode),
+        dir=(base / folder).resolve() if folder else None,
+        name=_tracker_text(table, "name", where),
+        group=_tracker_text(table, "group", where),
+        tags=_str_list(table.get("tags", []), f"{where}.tags"),
+    )
+
+
+def _mlflow_settings(raw: Any) -> MlflowSettings | None:
+    if raw is None:
+        return None
+    where = "[tool.llmgate.mlflow]"
+    table = _table(raw, where)
+    _check_keys(table, [f.name for f in fields(MlflowSettings)], where)
+    tags = _table(table.get("tags", {}), f"{where}.tags")
+    bad = [k for k, v in tags.items() if not isinstance(v, str)]
+    if bad:
+        raise _fail(f"{where}.tags.{bad[0]}", f"expected a string, got {tags[bad[0]]!r}")
+    return MlflowSettings(
+        enabled=_tracker_enabled(table, where),
+        tracking_uri=_tracker_text(table, "tracking_uri", where),
+        experiment=_tracker_text(table, "experiment", where) or MlflowSettings.experiment,
+        run_name=_tracker_text(table, "run_name", where),
+        tags=dict(tags),
+    )
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """Everything a run needs to know, validated once."""
@@ -773,6 +869,12 @@ class GateConfig:
     prompt_defaults: Mapping[str, Any] = field(default_factory=dict)
     speed: SpeedSettings = SpeedSettings()
     max_cost: float | None = None  # the run's budget at the models' prices: evaluation stops before exceeding it
+    wandb: WandbSettings | None = None  # None: no [tool.llmgate.wandb] table (nor --llmgate-wandb)
+    mlflow: MlflowSettings | None = None
+
+    def trackers(self) -> dict[str, WandbSettings | MlflowSettings]:
+        """The experiment trackers this run logs to: name -> settings, for those present and enabled."""
+        return {name: s for name, s in (("wandb", self.wandb), ("mlflow", self.mlflow)) if s is not None and s.enabled}
 
     def speed_reference(self, stage: StageSpec) -> ModelSpec:
         """The model a stage's speed and memory ratios compare with: ``speed_reference``, else the baseline."""
@@ -921,6 +1023,8 @@ _TOP_KEYS = (
     "suites",
     "speed",
     "max_cost",
+    "wandb",
+    "mlflow",
     *PROMPT_KEYS,
 )
 
@@ -1282,6 +1386,8 @@ def parse_config(
         prompt_defaults=prompt_defaults,
         speed=_speed_settings(raw.get("speed", {})),
         max_cost=_max_cost(raw.get("max_cost"), models),
+        wandb=_wandb_settings(raw.get("wandb"), base),
+        mlflow=_mlflow_settings(raw.get("mlflow")),
     )
 
 

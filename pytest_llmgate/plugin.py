@@ -89,6 +89,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="print each task's retention over the last runs of this stage from the run history, flagging drift",
     )
+    for name, tracker in (("wandb", "Weights & Biases"), ("mlflow", "MLflow")):
+        group.addoption(
+            f"--llmgate-{name}",
+            dest=f"llmgate_{name}",
+            action="store_true",
+            help=f"log the run's figures, comparison table and chart to {tracker} ([tool.llmgate.{name}] "
+            f"holds its settings; needs pytest-llmgate[{name}])",
+        )
+    group.addoption(
+        "--llmgate-no-progress",
+        dest="llmgate_no_progress",
+        action="store_true",
+        help="no progress line (items done per task, items/s, ETA); -q has none either",
+    )
     group.addoption(
         "--llmgate-config",
         dest="llmgate_config",
@@ -196,6 +210,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("llmgate_html", "default --llmgate-html: the HTML report's path", default=None)
     parser.addini("llmgate_csv", "default --llmgate-csv: the CSV's path", default=None)
     parser.addini("llmgate_trend", "default --llmgate-trend", type="bool", default=False)
+    parser.addini("llmgate_no_progress", "default --llmgate-no-progress", type="bool", default=False)
+    parser.addini(
+        "llmgate_progress_interval",
+        "seconds between progress lines when the output is not a terminal (a CI log); default 30",
+        default=None,
+    )
+    parser.addini("llmgate_wandb", "default --llmgate-wandb", type="bool", default=False)
+    parser.addini("llmgate_mlflow", "default --llmgate-mlflow", type="bool", default=False)
     parser.addini("llmgate_no_speed", "default --llmgate-no-speed", type="bool", default=False)
     parser.addini("llmgate_policy", "default --llmgate-policy: point, strict or lenient", default=None)
     parser.addini("llmgate_adaptive", "default --llmgate-adaptive", type="bool", default=False)
@@ -256,7 +278,10 @@ def _run_state(config: pytest.Config) -> Any:
     gate, tasks = load_gate_config(
         rootpath=config.rootpath,
         explicit=_option(config, "llmgate_config"),
-        assignments=config.getoption("llmgate_set"),
+        assignments=[
+            *(f"{name}.enabled=true" for name in ("wandb", "mlflow") if _option(config, f"llmgate_{name}")),
+            *config.getoption("llmgate_set"),
+        ],
         python_tasks=lambda: config.hook.pytest_llmgate_tasks(config=config),
         limit=limit,
         data_dir=_option(config, "llmgate_data_dir"),
@@ -275,6 +300,9 @@ def _run_state(config: pytest.Config) -> Any:
     report = _option(config, "llmgate_report")
     report_path = Path(report).resolve() if report else None
     if workerinput is None:
+        from .report.trackers import check_installed
+
+        check_installed(gate)
         for option in ("report", "md", "html", "csv"):
             value = report_path if option == "report" else _option(config, f"llmgate_{option}")
             if value is not None:
@@ -338,6 +366,11 @@ def _register_features(config: pytest.Config, state: Any) -> None:
             plugins.register(reports, "llmgate-reports")
 
         plugins.register(GateController(config, state), "llmgate-controller")
+        if config.get_verbosity() >= 0 and not _option(config, "llmgate_no_progress"):
+            from .progress import ProgressPlugin
+
+            interval = _ini_seconds(config, "llmgate_progress_interval")
+            plugins.register(ProgressPlugin(config, state, interval_s=interval), "llmgate-progress")
         if plugins.hasplugin("xdist") and getattr(config.option, "dist", "no") != "no":  # -n / --dist in use
             from .xdist_support import XdistShardPlugin
 
@@ -346,6 +379,22 @@ def _register_features(config: pytest.Config, state: Any) -> None:
         from . import adaptive
 
         adaptive.start(config, state)
+
+
+def _ini_seconds(config: pytest.Config, name: str) -> float:
+    from .config import ConfigError
+    from .progress import DEFAULT_INTERVAL_S
+
+    text = config.getini(name)
+    if text in (None, ""):
+        return DEFAULT_INTERVAL_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"llmgate: ini key {name}: expected a number of seconds >= 0, got {text!r}")
+    return seconds
 
 
 def _ini_positive_int(text: str) -> int:

@@ -229,10 +229,12 @@ def test_hellaswag(llmgate_outcome):
 """
 
 
-def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets):
+def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets, monkeypatch):
     (pytester.path / "pyproject.toml").write_text(GGUF_LADDER.format(data=shared_datasets))
     pytester.makepyfile(test_bench=HELLASWAG_TEST)
-    plain = pytester.runpytest("--stage=all", "-p", "no:xdist", "--llmgate-report=plain.json")
+    store = f"sqlite:///{pytester.path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    plain = pytester.runpytest("--stage=all", "-p", "no:xdist", "--llmgate-report=plain.json", "--llmgate-mlflow")
     assert plain.ret == 0, plain.stdout.str()
     report = json.loads((pytester.path / "plain.json").read_text())
     assert {role: m["evaluated"] for role, m in report["models"].items()} == {"baseline": 8, "q8": 8, "q4km": 8}
@@ -249,6 +251,17 @@ def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets
         r["rule"]: r["passed"] for r in report["stages"]["q8"]["rules"] if r["rule"].startswith(("size", "compression"))
     }
     assert size_rules == {"size <= 200 MB": True, "compression >= 1.5x": True}
+    # The spec's keys in the tracker: sizes as measured above, one run in the default experiment.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("llmgate").experiment_id])
+    metrics = run.data.metrics
+    for role in ("q8", "q4km"):
+        assert metrics[f"{role}/model_size_mb"] == pytest.approx(report["models"][role]["size_bytes"] / 1e6)
+        assert metrics[f"{role}/compression_ratio"] == pytest.approx(report["models"][role]["compression_ratio"])
+        assert metrics[f"{role}/bits_per_weight"] == pytest.approx(report["models"][role]["bits_per_weight"])
+    assert metrics["baseline/model_size_mb"] == pytest.approx(report["models"]["baseline"]["size_bytes"] / 1e6)
     assert (pytester.path / ".llmgate" / "gguf").is_dir()
 
     dist = pytester.runpytest_subprocess("--stage=all", "-n", "2", "--llmgate-no-cache", "--llmgate-report=dist.json")

@@ -11,7 +11,7 @@ import html
 import io
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,7 +32,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     """The report as one self-contained HTML page: verdict, charts (inline SVG) and an item browser."""
     plt = _pyplot()
     stages = _stage_names(report)
-    colours = {name: STAGE_COLOURS[i % len(STAGE_COLOURS)] for i, name in enumerate(stages)}
+    colours = _colours(stages)
     title = f"llmgate: {report.get('verdict', '?')} (stage {report.get('stage', '?')})"
     charts = [
         ("Quality against compression", _quality_vs_compression(plt, report, stages, colours)),
@@ -61,6 +61,17 @@ def render_html(report: Mapping[str, Any]) -> str:
     parts.append(_item_browser(report, stages))
     parts.append(f"<script>{SCRIPT}</script></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def quality_vs_compression_chart(report: Mapping[str, Any], render: Callable[[Any], Any]) -> tuple[Any, str]:
+    """The quality-against-compression chart as ``render(figure)`` returns it (the page inlines SVG; the trackers
+    log an image), and its note; ``("", "")`` when there is nothing to draw."""
+    stages = _stage_names(report)
+    return _quality_vs_compression(_pyplot(), report, stages, _colours(stages), render)
+
+
+def _colours(stages: Sequence[str]) -> dict[str, str]:
+    return {name: STAGE_COLOURS[i % len(STAGE_COLOURS)] for i, name in enumerate(stages)}
 
 
 def _pyplot() -> Any:
@@ -215,8 +226,12 @@ def _svg(fig: Any) -> str:
 
 
 def _quality_vs_compression(
-    plt: Any, report: Mapping[str, Any], stages: Sequence[str], colours: Mapping[str, str]
-) -> tuple[str, str]:
+    plt: Any,
+    report: Mapping[str, Any],
+    stages: Sequence[str],
+    colours: Mapping[str, str],
+    render: Callable[[Any], Any] | None = None,
+) -> tuple[Any, str]:
     tasks = _task_names(report, stages)
     if not stages or not tasks:
         return "", ""
@@ -270,7 +285,7 @@ def _quality_vs_compression(
         for index in range(len(tasks), rows * columns):
             axes[index // columns][index % columns].axis("off")
         fig.tight_layout()
-        svg = _svg(fig)
+        svg = (render or _svg)(fig)
     note = "hollow points: the baseline is too close to chance for retention to gate"
     if not measured:
         note += "; compression ratios were not measured, so stages are placed in ladder order"

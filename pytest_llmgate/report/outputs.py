@@ -1,7 +1,8 @@
 """The reports people read, written from the run's report dict (``pytest_llmgate_report``), on the controller.
 
-``--llmgate-md`` (also appended to ``$GITHUB_STEP_SUMMARY`` when set), ``--llmgate-html``, ``--llmgate-csv``, and
-the run history beside the result cache (``history.sqlite``) with ``--llmgate-trend``'s per-task lines. A file
+``--llmgate-md`` (also appended to ``$GITHUB_STEP_SUMMARY`` when set), ``--llmgate-html``, ``--llmgate-csv``, the
+run history beside the result cache (``history.sqlite``) with ``--llmgate-trend``'s per-task lines, and the
+experiment trackers (W&B, MLflow: ``trackers.py``). A file
 that cannot be written is named in the summary; the verdict and the exit code stand.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,15 @@ class ReportsPlugin:
         self.trend = trend
         cache = state.gate.cache_path
         self.history_path = cache.parent / "history.sqlite" if cache is not None else None
+        self.trackers = state.gate.trackers()
         self.lines: list[tuple[str, dict[str, bool]]] = []
 
     @property
     def on(self) -> bool:
-        """Whether there is anything to write: a report asked for, a step summary, or a history to keep."""
-        return bool(self.paths or self.trend or os.environ.get("GITHUB_STEP_SUMMARY") or self.history_path)
+        """Whether there is anything to write: a report asked for, a step summary, a tracker, or a history to keep."""
+        return bool(
+            self.paths or self.trend or os.environ.get("GITHUB_STEP_SUMMARY") or self.history_path or self.trackers
+        )
 
     def _write(self, what: str, path: Path, write: Callable[[Path], object]) -> None:
         try:
@@ -82,6 +87,24 @@ class ReportsPlugin:
 
             self._write("CSV", self.paths["csv"], lambda p: write_csv(report, p))
         self._history(report)
+        if self.trackers:
+            self._track(report)
+
+    def _track(self, report: dict[str, Any]) -> None:
+        from ..history import git_metadata
+        from . import trackers
+
+        commit, branch = git_metadata(self.config.rootpath)
+        identity = trackers.run_identity(report, commit=commit, branch=branch, config_hash=config_hash(self.state))
+        log: dict[str, Callable[..., str]] = {"wandb": trackers.log_wandb, "mlflow": trackers.log_mlflow}
+        for name, settings in self.trackers.items():
+            try:
+                with warnings.catch_warnings():  # the trackers' own deprecations (e.g. MLflow on SQLAlchemy 2.1)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    where = log[name](report, settings, identity)
+                self.lines.append((f"llmgate {name}: {where}", {}))
+            except Exception as error:  # a tracker that fails must not take the verdict with it
+                self.lines.append((f"llmgate: could not log to {name}: {type(error).__name__}: {error}", {"red": True}))
 
     def _history(self, report: dict[str, Any]) -> None:
         if self.history_path is None:
