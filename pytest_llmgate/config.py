@@ -433,23 +433,32 @@ class Thresholds:
     min_step_retention: float | None = None
     min_score: float | None = None
     score_band: tuple[float, float] | None = None
+    # Tasks with repeats (tasks/repeats.py): the stage's consistency / the baseline's, and a floor on the stage's
+    # self-consistency (majority-vote) score.
+    min_consistency_retention: float | None = None
+    min_self_consistency: float | None = None
 
     def merged(self, override: Thresholds) -> Thresholds:
         """Field by field: the override's value where it sets one, ours otherwise."""
         return Thresholds(
             *(
                 getattr(override, name) if getattr(override, name) is not None else getattr(self, name)
-                for name in ("min_retention", "min_step_retention", "min_score", "score_band")
+                for name in _THRESHOLD_KEYS
             )
         )
 
 
-_THRESHOLD_KEYS = ("min_retention", "min_step_retention", "min_score", "score_band")
+_THRESHOLD_KEYS = (
+    "min_retention", "min_step_retention", "min_score", "score_band", "min_consistency_retention",
+    "min_self_consistency",
+)  # fmt: skip
 
 
 def _thresholds(raw: Mapping[str, Any], where: str) -> Thresholds:
     values: dict[str, Any] = {}
-    for key in ("min_retention", "min_step_retention", "min_score"):
+    for key in (
+        "min_retention", "min_step_retention", "min_score", "min_consistency_retention", "min_self_consistency"
+    ):  # fmt: skip
         if key in raw:
             values[key] = _fraction(raw[key], f"{where}.{key}")
     if "score_band" in raw:
@@ -685,6 +694,66 @@ class TaskSettings:
     apply_chat_template: bool | None = None
     fewshot_as_multiturn: bool | None = None
     system_instruction: str | None = None
+    repeats: RepeatSettings | None = None
+
+
+@dataclass(frozen=True)
+class RepeatSettings:
+    """``repeats = N`` on a generation task: N sampled answers per item beside the greedy one (``tasks/repeats.py``).
+
+    Repeat r is drawn with ``temperature`` and ``top_p`` from a generator seeded ``seed + r``: reproducible, and
+    a result of its own in the cache.
+    """
+
+    repeats: int
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int = 1234
+
+
+REPEAT_KEYS = ("repeats", "temperature", "top_p", "repeat_seed")
+REPEAT_METRIC_SUFFIXES = ("@mean", "@majority", "@pass")
+
+
+def repeat_metrics(metrics: Iterable[str], repeats: int) -> tuple[str, ...]:
+    """The metrics a task reports with ``repeats``: each metric's mean over the repeats, its majority vote's score
+    (self-consistency) and pass@repeats, then ``consistency`` (agreement with the majority answer)."""
+    found = []
+    for metric in metrics:
+        found += [f"{metric}@mean", f"{metric}@majority", f"{metric}@pass{repeats}"]
+    return (*found, "consistency")
+
+
+def _repeat_settings(raw: Mapping[str, Any], where: str, task: Any) -> RepeatSettings | None:
+    present = [key for key in REPEAT_KEYS if key in raw]
+    if not present:
+        return None
+    if "repeats" not in raw:
+        raise _fail(f"{where}.{present[0]}", "sets how repeats are sampled; set repeats = N (2 or more) too")
+    if task is not None and not getattr(task, "supports_repeats", False):
+        raise _fail(
+            f"{where}.repeats",
+            f"task {task.name} is not a generation task with one answer per item; repeats apply to generation "
+            "tasks and suites (code tasks sample their own completions for pass@k)",
+        )
+    repeats = raw["repeats"]
+    if not is_int(repeats) or repeats < 2:
+        raise _fail(
+            f"{where}.repeats", f"expected a whole number >= 2 (the greedy answer is always kept), got {repeats!r}"
+        )
+    temperature = raw.get("temperature", RepeatSettings.temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= 5:
+        raise _fail(
+            f"{where}.temperature",
+            f"expected a number in (0, 5]; 0 would repeat the greedy answer, got {temperature!r}",
+        )
+    top_p = raw.get("top_p", RepeatSettings.top_p)
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise _fail(f"{where}.top_p", f"expected a number in (0, 1], got {top_p!r}")
+    seed = raw.get("repeat_seed", RepeatSettings.seed)
+    if not is_int(seed) or seed < 0:
+        raise _fail(f"{where}.repeat_seed", f"expected a whole number >= 0, got {seed!r}")
+    return RepeatSettings(repeats, float(temperature), float(top_p), seed)
 
 
 def _prompt_settings(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -1170,6 +1239,11 @@ def load_gate_config(
         try:
             settings = gate.prompt_options(name, pinned_shots=getattr(task, "pins_num_fewshot", False))
             tasks[name] = task.configured(TaskOptions(**settings))
+            task_settings = gate.task_settings.get(name)
+            if task_settings is not None and task_settings.repeats is not None:
+                from .tasks.repeats import with_repeats
+
+                tasks[name] = with_repeats(tasks[name], task_settings.repeats)
         except ValueError as error:
             raise _fail(f"[tool.llmgate.task.{name}]", str(error)) from None
     return gate, tasks
@@ -1327,14 +1401,20 @@ def parse_config(
         task_tables[task] = {**task_tables.get(task, {}), **_table(settings, f"[tool.llmgate.task.{task}]")}
     for task, settings in task_tables.items():
         where = f"[tool.llmgate.task.{task}]"
-        _check_keys(settings, ("metric", "limit", *PROMPT_KEYS), where)
+        _check_keys(settings, ("metric", "limit", *REPEAT_KEYS, *PROMPT_KEYS), where)
+        repeats = _repeat_settings(settings, where, known_tasks.get(task))
         metric = settings.get("metric")
-        if metric is not None and task in known_tasks and metric not in known_tasks[task].metrics:
-            raise _fail(f"{where}.metric", f"{metric!r}: task {task} reports {', '.join(known_tasks[task].metrics)}")
+        if metric is not None and task in known_tasks:
+            reported = tuple(known_tasks[task].metrics)
+            if repeats is not None:
+                reported += repeat_metrics(reported, repeats.repeats)
+            if metric not in reported:
+                raise _fail(f"{where}.metric", f"{metric!r}: task {task} reports {', '.join(reported)}")
         task_settings[task] = TaskSettings(
             metric=metric,
             limit=_positive_int(settings.get("limit"), f"{where}.limit", allow_none=True),
             **_prompt_settings(settings, where),
+            repeats=repeats,
         )
     prompt_defaults = _prompt_settings(raw, "[tool.llmgate]")
 

@@ -98,6 +98,7 @@ class GateController:
     def _run_figures(self, items: list[ItemOutcome], speed: Any) -> Any:
         """The success rate of the run's items, and why speed was not measured (when it was not)."""
         from .gate import RunFigures
+        from .tasks.repeats import base_metric
 
         ran = len(items) + self.harness_errors + len(self.crashed)
         missing = None
@@ -105,10 +106,13 @@ class GateController:
             missing = "--llmgate-no-speed"
         elif not speed.records:
             missing = speed.not_measured()
+        confidence = self.state.gate.confidence
         return RunFigures(
             success_rate=len(items) / ran if ran else None,
             items=ran,
             speed_missing=missing,
+            consistency=self.tally.task_stats(confidence, metric=lambda _, m: "consistency"),
+            self_consistency=self.tally.task_stats(confidence, metric=lambda _, m: f"{base_metric(m)}@majority"),
         )
 
     def _problems(self, session: pytest.Session, unchecked: list[str]) -> list[str]:
@@ -140,6 +144,7 @@ class GateController:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Decide the verdict, write the report, escalate the exit status (never lower it)."""
         from .gate import decide_run
+        from .outcome import repeat_figures
         from .report.json_report import build_report, write_report
         from .report.terminal import render
 
@@ -165,9 +170,11 @@ class GateController:
         if exit_code == 0:
             exit_code = EXIT_UNCHECKED if unchecked else decision.exit_code
             session.exitstatus = exit_code
+        repeats = repeat_figures(self.tally, state.gate.confidence)
         self.rendered = render(
             decision,
             stats,
+            repeats=repeats,
             exit_code=exit_code,
             problems=problems,
             notes=notes,
@@ -201,6 +208,7 @@ class GateController:
             problems=problems,
             unchecked=unchecked,
             notes=notes,
+            repeats=repeats,
         )
         # Markdown, HTML, CSV, history (report/outputs.py) and plugins of the user's own read the same dict.
         self.config.hook.pytest_llmgate_report(config=self.config, report=report)

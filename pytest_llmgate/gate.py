@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .config import (
     CriticalRule,
     GateConfig,
     StageSpec,
+    Thresholds,
 )
 from .stats import TaskStats, mean, mean_confidence_sequence, noninferiority_rejects, retention_p_values
 
@@ -376,6 +378,7 @@ def evaluate_stage(
                     f"{task}: score within [{lo:.2f}, {hi:.2f}]", lo <= score <= hi, f"score {score:.3f}", task=task
                 )
             )
+        task_rules += _repeat_rules(config, stage.name, task, thresholds, run or RunFigures(), informative, why_not)
         rules.extend(task_rules)
         tasks[task] = TaskVerdict(
             task=task,
@@ -402,6 +405,54 @@ def evaluate_stage(
     result = StageVerdict(stage.name, verdict, tasks, tuple(rules))
     bits = ((sizes or {}).get(stage.name) or {}).get("bits_per_weight")
     return StageVerdict(stage.name, verdict, tasks, tuple(rules), tuple(recommend(config, stage, result, bits)))
+
+
+def _repeat_rules(
+    config: GateConfig, stage: str, task: str, thresholds: Thresholds, run: RunFigures, informative: bool, why_not: str
+) -> list[RuleResult]:
+    """``min_consistency_retention`` and ``min_self_consistency`` on a task with repeats, under the run's policy.
+
+    Consistency retention is a retention like the quality one (the same paired interval and tests, on each item's
+    share of repeats that agree with its majority answer); it is decided whether or not the task beats chance: a
+    model can be consistently wrong, and losing that consistency is still instability.
+    """
+    rules: list[RuleResult] = []
+    floor = thresholds.min_consistency_retention
+    if floor is not None:
+        label = f"{task}: consistency retention >= {floor:.2f}"
+        st = run.consistency.get(task)
+        if st is None or stage not in st.scores or BASELINE_STAGE not in st.scores:
+            rules.append(RuleResult(label, True, "the task has no repeats (set repeats = N on it)", task=task,
+                                    skipped=True))  # fmt: skip
+        else:
+            ratio = st.retention(stage)
+            base, cand = st.scores[BASELINE_STAGE], st.scores[stage]
+            if ratio is None:
+                rules.append(RuleResult(label, True, f"baseline consistency {base:.3f}: no ratio", task=task,
+                                        skipped=True))  # fmt: skip
+            else:
+                evidence = retention_evidence(config, st, stage, floor)
+                ok = _retention_passes(config, ratio, evidence, floor)
+                detail = (
+                    f"consistency retention {ratio:.3f} = {cand:.3f} / {base:.3f}, {evidence.confidence:.0%} CI "
+                    f"{interval_text(evidence.lo, evidence.hi)}, policy {evidence.policy}, "
+                    + ("resolved" if evidence.resolved else "UNRESOLVED: more items needed")
+                )
+                rules.append(RuleResult(label, ok, detail, task=task))
+    floor = thresholds.min_self_consistency
+    if floor is not None:
+        label = f"{task}: self-consistency >= {floor:.2f}"
+        st = run.self_consistency.get(task)
+        if st is None or stage not in st.intervals:
+            rules.append(RuleResult(label, True, "the task has no repeats (set repeats = N on it)", task=task,
+                                    skipped=True))  # fmt: skip
+        else:
+            lo, hi = st.intervals[stage]
+            figure = {"point": st.scores[stage], "lo": lo, "hi": hi}
+            rule = _interval_rule(label, figure, floor, upper=False, policy=config.policy,  # type: ignore[arg-type]
+                                  unit="", what="majority-vote score")  # fmt: skip
+            rules.append(dataclasses.replace(rule, task=task))
+    return rules
 
 
 def _size_rules(stage: StageSpec, size: Mapping[str, Any] | None) -> list[RuleResult]:
@@ -439,6 +490,9 @@ class RunFigures:
     success_rate: float | None = None  # items that produced an outcome / items that ran
     items: int = 0
     speed_missing: str | None = None  # why no timings exist (None: the probe measured; "--llmgate-no-speed")
+    # Tasks with repeats: statistics of each item's consistency, and of its majority-vote score (self-consistency).
+    consistency: Mapping[str, TaskStats] = field(default_factory=dict)
+    self_consistency: Mapping[str, TaskStats] = field(default_factory=dict)
 
 
 def _interval_rule(

@@ -7,7 +7,7 @@ statistics, whatever order xdist delivers them in.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,16 +130,25 @@ class Tally:
         """Outcomes sorted by task then row, so statistics do not depend on arrival order."""
         return sorted(self.outcomes.values(), key=lambda o: (o.task, o.doc_id, o.item_id))
 
-    def task_stats(self, confidence: float = 0.95) -> dict[str, TaskStats]:
-        """Per-task statistics over every role present on all of the task's items."""
+    def task_stats(
+        self, confidence: float = 0.95, metric: Callable[[str, str], str] | None = None
+    ) -> dict[str, TaskStats]:
+        """Per-task statistics over every role present on all of the task's items.
+
+        ``metric(task, gating metric)``: the score to take instead of the gating metric (e.g. ``consistency`` of a
+        task with repeats); roles whose items lack it, and tasks left with none, are left out.
+        """
         by_task: dict[str, list[ItemOutcome]] = {}
         for outcome in self.ordered():
             by_task.setdefault(outcome.task, []).append(outcome)
         result = {}
         for task, outcomes in by_task.items():
-            metric = outcomes[0].metric
+            metric_name = outcomes[0].metric if metric is None else metric(task, outcomes[0].metric)
             roles = set.intersection(*(set(o.sides) for o in outcomes))
-            items = {role: tuple(o.score(role) for o in outcomes) for role in sorted(roles)}
+            roles = {r for r in roles if all(metric_name in o.sides[r].get("scores", {}) for o in outcomes)}
+            if not roles:
+                continue
+            items = {role: tuple(item_score(o.sides[role], metric_name) for o in outcomes) for role in sorted(roles)}
             scores = {role: mean(values) for role, values in items.items()}
             wlt = {}
             if BASELINE_STAGE in roles:
@@ -152,7 +161,7 @@ class Tally:
             clustered = clusters if len(set(clusters)) > 1 else None
             result[task] = TaskStats(
                 task=task,
-                metric=metric,
+                metric=metric_name,
                 n=len(outcomes),
                 scores=scores,
                 chance=mean(o.chance for o in outcomes),
@@ -162,3 +171,43 @@ class Tally:
                 intervals={role: mean_interval(values, confidence, clustered) for role, values in items.items()},
             )
         return result
+
+
+REPEAT_FIGURES = ("greedy", "mean", "self_consistency", "pass", "consistency")
+
+
+def repeat_figures(tally: Tally, confidence: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Per task with repeats (``tasks/repeats.py``), per role: the greedy score, its mean over the repeats, the
+    majority vote's score (self-consistency), pass@repeats and the consistency rate, each with its interval over
+    items (an item's repeats are one cluster: the interval is clustered by item)."""
+    found: dict[str, dict[str, Any]] = {}
+    for outcome in tally.ordered():
+        if outcome.task in found:
+            continue
+        side = next(iter(outcome.sides.values()), {})
+        if "repeats" in side:
+            base = outcome.metric.split("@", 1)[0]
+            found[outcome.task] = {"repeats": len(side["repeats"]), "metric": base}
+    if not found:
+        return {}
+    names = {
+        "greedy": lambda base, n: base,
+        "mean": lambda base, n: f"{base}@mean",
+        "self_consistency": lambda base, n: f"{base}@majority",
+        "pass": lambda base, n: f"{base}@pass{n}",
+        "consistency": lambda base, n: "consistency",
+    }
+    for figure in REPEAT_FIGURES:
+
+        def metric(task: str, gating: str, figure: str = figure) -> str:
+            info = found.get(task)
+            return names[figure](info["metric"], info["repeats"]) if info else gating
+
+        for task, st in tally.task_stats(confidence, metric=metric).items():
+            if task not in found:
+                continue
+            roles = found[task].setdefault("roles", {})
+            for role, score in st.scores.items():
+                lo, hi = st.intervals[role]
+                roles.setdefault(role, {})[figure] = {"score": score, "ci": [lo, hi]}
+    return found

@@ -87,8 +87,11 @@ class SkillBackend:
             right = int(hint[-1]) if hint else 0
             completions = []
             for k in range(request.samples if request.temperature > 0 else 1):
-                knows = _unit(seed, "skill", request.context, str(k)) < float(self.weights.get("skill", 1.0))
-                answer = right if knows else right + 1 + int(9 * _unit(seed, "wrong", request.context, str(k)))
+                # A sample depends on its request's seed, as a seeded sampler's does ("seeded" weights only, so
+                # the draws of earlier tests stay as they were).
+                draw = f"{k}/{request.seed}" if request.temperature > 0 and self.weights.get("seeded") else str(k)
+                knows = _unit(seed, "skill", request.context, draw) < float(self.weights.get("skill", 1.0))
+                answer = right if knows else right + 1 + int(9 * _unit(seed, "wrong", request.context, draw))
                 text = f" The total is {answer}.\n#### {answer}\n\nQuestion: something else"
                 for stop in request.until:
                     if stop:

@@ -232,6 +232,9 @@ def test_hellaswag(llmgate_outcome):
 def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets, monkeypatch):
     (pytester.path / "pyproject.toml").write_text(GGUF_LADDER.format(data=shared_datasets))
     pytester.makepyfile(test_bench=HELLASWAG_TEST)
+    # Imported before the in-process run: pytester drops the modules a run imports when it ends.
+    from mlflow.tracking import MlflowClient
+
     store = f"sqlite:///{pytester.path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     plain = pytester.runpytest("--stage=all", "-p", "no:xdist", "--llmgate-report=plain.json", "--llmgate-mlflow")
@@ -252,8 +255,6 @@ def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets
     }
     assert size_rules == {"size <= 200 MB": True, "compression >= 1.5x": True}
     # The spec's keys in the tracker: sizes as measured above, one run in the default experiment.
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("llmgate").experiment_id])
     metrics = run.data.metrics

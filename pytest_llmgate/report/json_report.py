@@ -128,8 +128,11 @@ def build_report(
     problems: Sequence[str] = (),
     unchecked: Sequence[str] = (),
     notes: Sequence[str] = (),
+    repeats: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as a dict of builtin types; NaN and infinity are null (in ``items`` once they are dumped).
+
+    ``repeats``: per task with repeats, the figures of ``outcome.repeat_figures`` (``tasks.<task>.repeats``).
 
     ``problems`` say why the run is incomplete (``unchecked``: the configured rules it could not check); with
     any of them ``verdict`` is "incomplete" and ``gate_verdict`` keeps what the rules said on the items that ran.
@@ -159,6 +162,9 @@ def build_report(
         "stages": {v.stage: _stage(stats, v, note) for v in decision.stages},
         "adaptive": None if adaptive is None else {"tasks": dict(adaptive), "items_skipped": skipped},
     }
+    for task, figures in (repeats or {}).items():
+        if task in report["tasks"]:
+            report["tasks"][task]["repeats"] = figures
     report = {**_finite(report), "items": []}
     for outcome in items:
         # What a side carries about its model as a whole (memory, the runtime's notes) is in ``models``.

@@ -85,6 +85,7 @@ def render(
     notes: Sequence[str] = (),
     models: Mapping[str, Any],
     cache: bool = True,
+    repeats: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, dict[str, bool]]]:
     """(line, markup) pairs for the terminal reporter.
 
@@ -132,6 +133,9 @@ def render(
                 out.append((f"  skipped {rule.rule}: {rule.detail}", {"yellow": True}))
         for advice in verdict.recommendations:
             out.append((f"  recommendation: {advice}", {"yellow": True}))
+    if repeats:
+        out.append(("", {}))
+        out += [(line, {}) for line in repeat_lines(repeats)]
     if decision.stages and stats:
         out.append(("", {}))
         out += [(line, {}) for line in tradeoff_table(decision, models)]
@@ -294,4 +298,36 @@ def tradeoff_table(decision: RunDecision, models: Mapping[str, Any]) -> list[str
     lines += _table(rows)
     if any(r[7].endswith("x*") for r in rows[1:]):
         lines.append("* the speed reference ran in another runtime: that ratio is not a compression speed-up")
+    return lines
+
+
+REPEAT_LABELS = {
+    "greedy": "greedy",
+    "mean": "sampled (mean)",
+    "self_consistency": "majority vote",
+    "pass": "pass@{n}",
+    "consistency": "consistency",
+}
+
+
+def repeat_lines(repeats: Mapping[str, Any]) -> list[str]:
+    """Per task with repeats: a table of each role's greedy score, sampled mean, majority vote, pass@n and
+    consistency, each with its interval."""
+    lines = []
+    for task, info in sorted(repeats.items()):
+        n = info.get("repeats")
+        lines.append(f"{task}: {n} sampled repeats per item ({info.get('metric')}; intervals clustered by item)")
+        header = ("model", *(label.format(n=n) for label in REPEAT_LABELS.values()))
+        rows = [header]
+        for role, figures in (info.get("roles") or {}).items():
+            cells = [role]
+            for key in REPEAT_LABELS:
+                figure = figures.get(key)
+                if figure is None:
+                    cells.append("-")
+                    continue
+                lo, hi = figure["ci"]
+                cells.append(f"{_num(figure['score'])} [{_num(lo)}, {_num(hi)}]")
+            rows.append(tuple(cells))
+        lines += _table(rows)
     return lines

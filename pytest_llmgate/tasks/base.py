@@ -434,6 +434,13 @@ class GenerationTask(Task):
     temperature: ClassVar[float] = 0.0
     top_p: ClassVar[float] = 1.0
     samples: ClassVar[int] = 1
+    supports_repeats: ClassVar[bool] = True  # ``repeats = N`` (tasks/repeats.py): one answer per item to repeat
+
+    def answer(self, record: dict[str, Any], metric: str) -> str:
+        """The answer ``metric`` compares in a scored record (repeats vote on it): what the scorer extracted,
+        else the completion, stripped."""
+        value = record.get("extracted", record.get("completion", ""))
+        return str(value).strip()
 
     def build(self, doc: dict[str, Any]) -> tuple[str, Any]:
         """(question text, reference answer) for one row."""

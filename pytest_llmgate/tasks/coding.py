@@ -236,6 +236,8 @@ class CodeTask(GenerationTask):
         if "metrics" not in cls.__dict__:
             cls.metrics = tuple(f"pass@{k}" for k in cls.ks)
 
+    supports_repeats = False  # code tasks draw their own samples for pass@k
+
     def with_verdicts(self, verdicts: Verdicts) -> CodeTask:
         """A copy of this task that remembers sandbox verdicts in ``verdicts`` (one per run)."""
         task = copy.copy(self)

@@ -128,6 +128,10 @@ class GSM8K(GenerationTask):
         """A worked example: the question and its whole answer, reasoning and ``#### n`` included."""
         return self.build(doc)
 
+    def answer(self, record: dict[str, Any], metric: str) -> str:
+        """The number the metric's filter extracted (strict or flexible)."""
+        return str(record["extracted_strict" if metric.endswith("strict") else "extracted_flexible"])
+
     def score(self, item: TaskItem, results: Sequence[Any]) -> dict[str, Any]:
         """Both filters' answers and their exact_match against the reference."""
         if len(results) != 1 or not results[0] or not isinstance(results[0][0], str):
