@@ -437,6 +437,8 @@ class Thresholds:
     # self-consistency (majority-vote) score.
     min_consistency_retention: float | None = None
     min_self_consistency: float | None = None
+    # Tasks with a judge (judge.py): the share of items the stage does not lose against the baseline.
+    min_non_loss_rate: float | None = None
 
     def merged(self, override: Thresholds) -> Thresholds:
         """Field by field: the override's value where it sets one, ours otherwise."""
@@ -450,14 +452,15 @@ class Thresholds:
 
 _THRESHOLD_KEYS = (
     "min_retention", "min_step_retention", "min_score", "score_band", "min_consistency_retention",
-    "min_self_consistency",
+    "min_self_consistency", "min_non_loss_rate",
 )  # fmt: skip
 
 
 def _thresholds(raw: Mapping[str, Any], where: str) -> Thresholds:
     values: dict[str, Any] = {}
     for key in (
-        "min_retention", "min_step_retention", "min_score", "min_consistency_retention", "min_self_consistency"
+        "min_retention", "min_step_retention", "min_score", "min_consistency_retention", "min_self_consistency",
+        "min_non_loss_rate",
     ):  # fmt: skip
         if key in raw:
             values[key] = _fraction(raw[key], f"{where}.{key}")
@@ -695,6 +698,61 @@ class TaskSettings:
     fewshot_as_multiturn: bool | None = None
     system_instruction: str | None = None
     repeats: RepeatSettings | None = None
+    judge: JudgeSettings | None = None
+
+
+DEFAULT_JUDGE_TEMPLATE = (
+    "Two assistants answered the same request. Decide which answer is better: more correct, more helpful, "
+    "more to the point.\n\nRequest:\n{question}\n\nAnswer A:\n{answer_a}\n\nAnswer B:\n{answer_b}\n\n"
+    "Reply with exactly one of: A, B, tie.\nVerdict:"
+)
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """``judge = "<model>"`` on a generation task: pairwise judging of each stage's answer against the
+    baseline's (``judge.py``). ``template`` has ``{question}``, ``{answer_a}`` and ``{answer_b}``."""
+
+    model: str
+    template: str = DEFAULT_JUDGE_TEMPLATE
+    max_gen_toks: int = 4
+
+
+JUDGE_KEYS = ("judge", "judge_template", "judge_max_gen_toks")
+
+
+def _judge_settings(raw: Mapping[str, Any], where: str, task: Any, models: Mapping[str, Any]) -> JudgeSettings | None:
+    present = [key for key in JUDGE_KEYS if key in raw]
+    if not present:
+        return None
+    if "judge" not in raw:
+        raise _fail(f"{where}.{present[0]}", "sets how the judge is asked; name the judge model with judge = '<model>'")
+    model = raw["judge"]
+    if not isinstance(model, str) or model not in models:
+        known = ", ".join(models) or "none defined"
+        raise _fail(f"{where}.judge", f"{model!r} is not a model of [tool.llmgate.models] ({known})")
+    if task is not None and not getattr(task, "supports_repeats", False):
+        raise _fail(
+            f"{where}.judge",
+            f"task {task.name} has no single generated answer per item to judge; a judge compares the answers "
+            "of a generation task or suite",
+        )
+    template = raw.get("judge_template", DEFAULT_JUDGE_TEMPLATE)
+    if not isinstance(template, str):
+        raise _fail(f"{where}.judge_template", f"expected a string, got {template!r}")
+    for field_name in ("{question}", "{answer_a}", "{answer_b}"):
+        if field_name not in template:
+            raise _fail(
+                f"{where}.judge_template", f"needs {field_name} (the template fills question, answer_a, answer_b)"
+            )
+    try:
+        template.format(question="", answer_a="", answer_b="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise _fail(f"{where}.judge_template", f"not a format string with only those fields: {error!r}") from None
+    tokens = raw.get("judge_max_gen_toks", JudgeSettings.max_gen_toks)
+    if not is_int(tokens) or tokens < 1:
+        raise _fail(f"{where}.judge_max_gen_toks", f"expected a whole number >= 1, got {tokens!r}")
+    return JudgeSettings(model, template, tokens)
 
 
 @dataclass(frozen=True)
@@ -940,6 +998,10 @@ class GateConfig:
     max_cost: float | None = None  # the run's budget at the models' prices: evaluation stops before exceeding it
     wandb: WandbSettings | None = None  # None: no [tool.llmgate.wandb] table (nor --llmgate-wandb)
     mlflow: MlflowSettings | None = None
+
+    def judges(self) -> dict[str, str]:
+        """The judge model of each task that has one: task -> model name."""
+        return {task: s.judge.model for task, s in self.task_settings.items() if s.judge is not None}
 
     def trackers(self) -> dict[str, WandbSettings | MlflowSettings]:
         """The experiment trackers this run logs to: name -> settings, for those present and enabled."""
@@ -1401,8 +1463,9 @@ def parse_config(
         task_tables[task] = {**task_tables.get(task, {}), **_table(settings, f"[tool.llmgate.task.{task}]")}
     for task, settings in task_tables.items():
         where = f"[tool.llmgate.task.{task}]"
-        _check_keys(settings, ("metric", "limit", *REPEAT_KEYS, *PROMPT_KEYS), where)
+        _check_keys(settings, ("metric", "limit", *REPEAT_KEYS, *JUDGE_KEYS, *PROMPT_KEYS), where)
         repeats = _repeat_settings(settings, where, known_tasks.get(task))
+        judge = _judge_settings(settings, where, known_tasks.get(task), models)
         metric = settings.get("metric")
         if metric is not None and task in known_tasks:
             reported = tuple(known_tasks[task].metrics)
@@ -1415,6 +1478,7 @@ def parse_config(
             limit=_positive_int(settings.get("limit"), f"{where}.limit", allow_none=True),
             **_prompt_settings(settings, where),
             repeats=repeats,
+            judge=judge,
         )
     prompt_defaults = _prompt_settings(raw, "[tool.llmgate]")
 

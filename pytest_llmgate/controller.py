@@ -98,6 +98,7 @@ class GateController:
     def _run_figures(self, items: list[ItemOutcome], speed: Any) -> Any:
         """The success rate of the run's items, and why speed was not measured (when it was not)."""
         from .gate import RunFigures
+        from .judge import judge_figures
         from .tasks.repeats import base_metric
 
         ran = len(items) + self.harness_errors + len(self.crashed)
@@ -113,6 +114,7 @@ class GateController:
             speed_missing=missing,
             consistency=self.tally.task_stats(confidence, metric=lambda _, m: "consistency"),
             self_consistency=self.tally.task_stats(confidence, metric=lambda _, m: f"{base_metric(m)}@majority"),
+            judge=judge_figures(items, confidence),
         )
 
     def _problems(self, session: pytest.Session, unchecked: list[str]) -> list[str]:
@@ -175,6 +177,7 @@ class GateController:
             decision,
             stats,
             repeats=repeats,
+            judged=run.judge,
             exit_code=exit_code,
             problems=problems,
             notes=notes,
@@ -209,6 +212,7 @@ class GateController:
             unchecked=unchecked,
             notes=notes,
             repeats=repeats,
+            judged=run.judge,
         )
         # Markdown, HTML, CSV, history (report/outputs.py) and plugins of the user's own read the same dict.
         self.config.hook.pytest_llmgate_report(config=self.config, report=report)

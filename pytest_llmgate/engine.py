@@ -7,10 +7,11 @@ items. It never decides pass or fail.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ class Engine:
     budget: float | None = None  # this process's share of max_cost (None: no budget)
     spend: dict[str, Spend] = field(default_factory=dict)  # role -> this process's evaluation
     _item_spend: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (fingerprint, item) -> share
+    _asked: dict[str, str] = field(default_factory=dict)  # ``ask`` replies of this process by cache key
 
     @property
     def notes(self) -> list[str]:
@@ -137,6 +139,42 @@ class Engine:
             self._memory[fingerprint] = {**meter.stop(), "device": device}
             self.loads[spec.name] += 1
         return self._backends[fingerprint]
+
+    def ask(self, role: str, prompts: Sequence[str], *, until: tuple[str, ...], max_gen_toks: int) -> list[str]:
+        """Greedy completions of plain prompts on ``role`` (a judge), through the cache: one entry per prompt, keyed
+        by the model's fingerprint and the exact prompt; what is missing goes to the model in one batch."""
+        fingerprint = self.fingerprint(role)
+        params = {"kind": "ask", "until": list(until), "max_gen_toks": max_gen_toks}
+        keys = [
+            result_key(
+                fingerprint=fingerprint,
+                task_version="ask/v1",
+                prompt_hash=hashlib.sha256(p.encode()).hexdigest(),
+                params=params,
+                item_id="ask",
+            )
+            for p in prompts
+        ]
+        found: dict[str, Any] = {}
+        if self.cache is not None:
+            try:
+                found = self.cache.get_many(keys)
+            except CacheError as error:
+                self._drop_cache(error)
+        missing = [i for i, key in enumerate(keys) if key not in found and key not in self._asked]
+        if missing:
+            backend = self.backend(role)
+            requests = [GenerationRequest(prompts[i], until, max_gen_toks) for i in missing]
+            replies = [completions[0] for completions in backend.generate(requests)]
+            for i, reply in zip(missing, replies, strict=True):
+                self._asked[keys[i]] = reply
+            if self.cache is not None:
+                try:
+                    rows = [(keys[i], fingerprint, "ask/v1", r) for i, r in zip(missing, replies, strict=True)]
+                    self.cache.put_many(rows)
+                except CacheError as error:
+                    self._drop_cache(error)
+        return [str(found[key]) if key in found else str(self._asked[key]) for key in keys]
 
     def memory(self, role: str) -> dict[str, Any] | None:
         """What loading ``role``'s model added to this process's memory (``models.memory``), once loaded.

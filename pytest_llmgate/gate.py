@@ -410,7 +410,8 @@ def evaluate_stage(
 def _repeat_rules(
     config: GateConfig, stage: str, task: str, thresholds: Thresholds, run: RunFigures, informative: bool, why_not: str
 ) -> list[RuleResult]:
-    """``min_consistency_retention`` and ``min_self_consistency`` on a task with repeats, under the run's policy.
+    """``min_consistency_retention`` and ``min_self_consistency`` on a task with repeats, and ``min_non_loss_rate`` on
+    a task with a judge, under the run's policy.
 
     Consistency retention is a retention like the quality one (the same paired interval and tests, on each item's
     share of repeats that agree with its majority answer); it is decided whether or not the task beats chance: a
@@ -439,6 +440,21 @@ def _repeat_rules(
                     + ("resolved" if evidence.resolved else "UNRESOLVED: more items needed")
                 )
                 rules.append(RuleResult(label, ok, detail, task=task))
+    floor = thresholds.min_non_loss_rate
+    if floor is not None:
+        label = f"{task}: judged non-loss rate >= {floor:.2f}"
+        judged = (run.judge.get(task) or {}).get(stage)
+        if judged is None or judged["non_loss_rate"]["rate"] is None:
+            rules.append(RuleResult(label, True, "the task has no judge (set judge = '<model>' on it)", task=task,
+                                    skipped=True))  # fmt: skip
+        else:
+            rate = judged["non_loss_rate"]
+            figure = {"point": rate["rate"], "lo": rate["ci"][0], "hi": rate["ci"][1]}
+            rule = _interval_rule(label, figure, floor, upper=False, policy=config.policy,  # type: ignore[arg-type]
+                                  unit="", what="non-loss rate")  # fmt: skip
+            detail = (f"{rule.detail}; W/L/T {judged['wins']}/{judged['losses']}/{judged['ties']}, "
+                      f"{judged['inconsistent_share']:.0%} order-inconsistent")  # fmt: skip
+            rules.append(dataclasses.replace(rule, detail=detail, task=task))
     floor = thresholds.min_self_consistency
     if floor is not None:
         label = f"{task}: self-consistency >= {floor:.2f}"
@@ -493,6 +509,8 @@ class RunFigures:
     # Tasks with repeats: statistics of each item's consistency, and of its majority-vote score (self-consistency).
     consistency: Mapping[str, TaskStats] = field(default_factory=dict)
     self_consistency: Mapping[str, TaskStats] = field(default_factory=dict)
+    # Tasks with a judge (judge.py): per task, per stage, the judged wins, losses, ties and rates.
+    judge: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def _interval_rule(

@@ -40,10 +40,12 @@ def make_engine(config: pytest.Config, state: RunState) -> Engine:
     threads = max(1, (os.cpu_count() or 1) // int(workerinput["workercount"])) if workerinput else None
     # One id for the whole run, in every process: results of a model nothing identifies stay within it.
     run_id = str(workerinput.get("testrunuid", "")) if workerinput else uuid.uuid4().hex
+    from .judge import judge_roles
     from .speed import probe_roles
 
     return Engine(
-        roles=probe_roles(state),  # the run's models, and the speed references the probe also measures
+        # the run's models, the speed references the probe also measures, and the judges of judged tasks
+        roles={**probe_roles(state), **judge_roles(gate.judges(), gate.models)},
         cache=cache,
         work_dir=state.work_dir,
         worker_index=worker_index,
@@ -92,6 +94,9 @@ class WorkerPlugin:
             if spend is not None:
                 side["spend"] = spend
             sides[role] = side
+        settings = state.gate.task_settings.get(task.name)
+        if settings is not None and settings.judge is not None:
+            self._judge(settings.judge, item, sides)
         outcome = ItemOutcome(
             task=task.name,
             doc_id=item.doc_id,
@@ -113,6 +118,19 @@ class WorkerPlugin:
             [("llmgate_task", task.name), ("llmgate_doc_id", item.doc_id), ("llmgate_status", outcome.status)]
         )
         return outcome
+
+    def _judge(self, settings: Any, item: TaskItem, sides: dict[str, dict[str, Any]]) -> None:
+        """Each stage's answer against the baseline's, judged in both orders (``judge.py``); on the stage's side."""
+        from .judge import UNTIL, judge_item, judge_role
+
+        role = judge_role(settings.model)
+
+        def ask(prompts: list[str]) -> list[str]:
+            return self.engine.ask(role, prompts, until=UNTIL, max_gen_toks=settings.max_gen_toks)
+
+        question = item.requests[0].context if item.requests else ""
+        for stage, judged in judge_item(settings, question, sides, ask).items():
+            sides[stage]["judge"] = {**judged, "model": settings.model}
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:

@@ -102,3 +102,40 @@ class SkillBackend:
 
     def close(self) -> None:
         """Nothing to free."""
+
+
+class JudgeBackend:
+    """A judge double: of two answers to a ``RIGHT=<n>`` question, prefers the one that ends in ``#### n``.
+
+    Weights: ``bias`` "A" or "B" answers that letter whatever it reads (a position-biased judge);
+    ``reply`` answers that text instead (e.g. an unparseable one).
+    """
+
+    def __init__(self, spec, device: str) -> None:
+        self.weights = json.loads(Path(spec.path).read_text())
+        if os.environ.get(LOADS_ENV):
+            with open(os.environ[LOADS_ENV], "a") as handle:
+                handle.write(f"{os.getpid()} {spec.name}\n")
+
+    @classmethod
+    def fingerprint(cls, spec) -> str:
+        return hashlib.sha256(Path(spec.path).read_bytes()).hexdigest()
+
+    def generate(self, requests: Sequence) -> list[list[str]]:
+        out = []
+        for request in requests:
+            if "reply" in self.weights:
+                out.append([self.weights["reply"]])
+                continue
+            if "bias" in self.weights:
+                out.append([f" {self.weights['bias']}"])
+                continue
+            right = re.findall(r"RIGHT=(-?\d+)", request.context)[0]
+            a = request.context.split("Answer A:")[1].split("Answer B:")[0]
+            b = request.context.split("Answer B:")[1].split("Reply with")[0]
+            good_a, good_b = f"#### {right}\n" in a + "\n", f"#### {right}\n" in b + "\n"
+            out.append([" A" if good_a and not good_b else " B" if good_b and not good_a else " tie"])
+        return out
+
+    def close(self) -> None:
+        """Nothing to free."""

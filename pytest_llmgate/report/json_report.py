@@ -129,10 +129,12 @@ def build_report(
     unchecked: Sequence[str] = (),
     notes: Sequence[str] = (),
     repeats: Mapping[str, Any] | None = None,
+    judged: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as a dict of builtin types; NaN and infinity are null (in ``items`` once they are dumped).
 
-    ``repeats``: per task with repeats, the figures of ``outcome.repeat_figures`` (``tasks.<task>.repeats``).
+    ``repeats``: per task with repeats, the figures of ``outcome.repeat_figures`` (``tasks.<task>.repeats``);
+    ``judged``: per task with a judge, per stage, those of ``judge.judge_figures`` (``tasks.<task>.judge``).
 
     ``problems`` say why the run is incomplete (``unchecked``: the configured rules it could not check); with
     any of them ``verdict`` is "incomplete" and ``gate_verdict`` keeps what the rules said on the items that ran.
@@ -162,9 +164,10 @@ def build_report(
         "stages": {v.stage: _stage(stats, v, note) for v in decision.stages},
         "adaptive": None if adaptive is None else {"tasks": dict(adaptive), "items_skipped": skipped},
     }
-    for task, figures in (repeats or {}).items():
-        if task in report["tasks"]:
-            report["tasks"][task]["repeats"] = figures
+    for key, extra in (("repeats", repeats), ("judge", judged)):
+        for task, figures in (extra or {}).items():
+            if task in report["tasks"]:
+                report["tasks"][task][key] = figures
     report = {**_finite(report), "items": []}
     for outcome in items:
         # What a side carries about its model as a whole (memory, the runtime's notes) is in ``models``.

@@ -86,6 +86,7 @@ def render(
     models: Mapping[str, Any],
     cache: bool = True,
     repeats: Mapping[str, Any] | None = None,
+    judged: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, dict[str, bool]]]:
     """(line, markup) pairs for the terminal reporter.
 
@@ -136,6 +137,9 @@ def render(
     if repeats:
         out.append(("", {}))
         out += [(line, {}) for line in repeat_lines(repeats)]
+    if judged:
+        out.append(("", {}))
+        out += [(line, {}) for line in judge_lines(judged)]
     if decision.stages and stats:
         out.append(("", {}))
         out += [(line, {}) for line in tradeoff_table(decision, models)]
@@ -330,4 +334,25 @@ def repeat_lines(repeats: Mapping[str, Any]) -> list[str]:
                 cells.append(f"{_num(figure['score'])} [{_num(lo)}, {_num(hi)}]")
             rows.append(tuple(cells))
         lines += _table(rows)
+    return lines
+
+
+def judge_lines(judged: Mapping[str, Any]) -> list[str]:
+    """Per task with a judge, per stage: W/L/T, the win rate without ties and the non-loss rate with intervals, the
+    shares of ties and order-inconsistent verdicts, unparseable verdicts, and agreement with exact match."""
+    lines = []
+    for task, stages in sorted(judged.items()):
+        for stage, f in stages.items():
+            win, non_loss = f["win_rate"], f["non_loss_rate"]
+            text = (
+                f"{task} judged, {stage} vs baseline: W/L/T {f['wins']}/{f['losses']}/{f['ties']}; win rate "
+                f"{_num(win['rate'])} [{_num(win['ci'][0])}, {_num(win['ci'][1])}] without ties; non-loss "
+                f"{_num(non_loss['rate'])} [{_num(non_loss['ci'][0])}, {_num(non_loss['ci'][1])}]; ties "
+                f"{f['tie_share']:.0%}, order-inconsistent {f['inconsistent_share']:.0%}, unparseable verdicts "
+                f"{f['unparseable_verdicts']}"
+            )
+            agreement = f.get("agreement")
+            if agreement and agreement.get("rate") is not None:
+                text += f"; agrees with exact match on {agreement['rate']:.0%} of items"
+            lines.append(text)
     return lines

@@ -36,7 +36,7 @@ from .fewshot import DEFAULT_FEWSHOT_SEED, FewShotSource
 from .mmlu import stratified
 
 SUITE_TYPES = ("multiple_choice", "generation")
-SCORER_TYPES = ("exact_match", "regex", "numeric", "python")
+SCORER_TYPES = ("exact_match", "regex", "numeric", "python", "open")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a task name is also a pytest marker: an identifier
 _COMMON_KEYS = (
     "path",
@@ -60,6 +60,7 @@ _SCORER_KEYS = {
     "regex": ("type", "metric", "pattern", "group", "match", "ignore_case"),
     "numeric": ("type", "metric", "tolerance", "rel_tolerance"),
     "python": ("type", "metric", "function"),
+    "open": ("type", "metric"),  # no gold answer: judged pairwise (judge = "<model>"); scores that it answered
 }
 # A number as models write it: sign, optional dollar sign, thousands commas, decimals, exponent.
 NUMBER = re.compile(r"[-+]?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\$?\.\d+")
@@ -162,6 +163,9 @@ class Scorer:
 
     def __call__(self, completion: str, reference: Any, row: dict[str, Any]) -> tuple[float, Any]:
         """(score in [0, 1], what was extracted from the completion) for one completion."""
+        if self.kind == "open":  # nothing to check against: whether the model answered at all
+            answer = completion.strip()
+            return (1.0 if answer else 0.0), answer
         if self.kind == "python":
             assert self.function is not None
             value = self.function(completion, row)
@@ -244,10 +248,11 @@ def parse_scorer(raw: Any, base: Path, where: str) -> Scorer:
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise SuiteError(
             f"{where}.type" if "type" in raw else where,
-            f"unknown scorer {kind!r}; {hint}use one of exact_match, regex, numeric, or 'python:module.path:function'",
+            f"unknown scorer {kind!r}; {hint}use one of exact_match, regex, numeric, open, or "
+            "'python:module.path:function'",
         )
     _check_keys(raw, _SCORER_KEYS[kind], where)
-    metric = _string(raw, "metric", where, "score" if kind == "python" else "exact_match")
+    metric = _string(raw, "metric", where, {"python": "score", "open": "answered"}.get(kind, "exact_match"))
     if not metric or not NAME.fullmatch(metric):
         raise SuiteError(f"{where}.metric", f"{metric!r}: a metric name is a word such as 'exact_match'")
     if kind == "exact_match":
@@ -274,6 +279,8 @@ def parse_scorer(raw: Any, base: Path, where: str) -> Scorer:
         if match not in ("first", "last"):
             raise SuiteError(f"{where}.match", f"{match!r}: use 'first' or 'last' (which match in the completion)")
         return Scorer(kind, metric, ignore_case=ignore_case, pattern=pattern, group=group, last=match == "last")
+    if kind == "open":
+        return Scorer(kind, metric)
     if kind == "numeric":
         return Scorer(
             kind,
@@ -575,7 +582,8 @@ class _Suite(Task):
     def named_fields(self) -> list[tuple[str, str]]:
         """(option, field) for every row field the suite's table names."""
         spec = self.spec
-        named = [("answer_field", spec.answer_field)]
+        open_ended = spec.scorer is not None and spec.scorer.kind == "open"
+        named = [] if open_ended else [("answer_field", spec.answer_field)]  # an open suite has no answers
         if spec.template is None:
             named.append(("question_field", spec.question_field))
         else:
@@ -732,7 +740,10 @@ class GenerationSuite(_Suite, GenerationTask):
     """A suite whose answers the model writes; the suite's scorer checks each completion."""
 
     def reference_of(self, doc: dict[str, Any]) -> Any:
-        """The row's answer: a text, a number, or a list of acceptable ones."""
+        """The row's answer: a text, a number, or a list of acceptable ones (an open suite may have none)."""
+        scorer = self.spec.scorer
+        if scorer is not None and scorer.kind == "open" and doc.get(self.spec.answer_field) is None:
+            return None
         value = self.field_of(doc, self.spec.answer_field, "answer_field")
         ok = (str, int, float)
         if isinstance(value, bool) or not (
@@ -762,7 +773,10 @@ class GenerationSuite(_Suite, GenerationTask):
         assert scorer is not None
         text = completion(results)
         value, extracted = scorer(text, item.extra["reference"], item.extra.get("row", {}))
-        return {"completion": text, "extracted": extracted, "scores": {scorer.metric: value}}
+        record = {"completion": text, "extracted": extracted, "scores": {scorer.metric: value}}
+        if scorer.kind == "open":
+            record["gold"] = False  # nothing was checked against an answer (judge.py's agreement skips it)
+        return record
 
 
 def completion(results: Sequence[Any]) -> str:
