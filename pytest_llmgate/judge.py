@@ -26,7 +26,7 @@ from .stats import mean_interval
 
 JUDGE_PREFIX = "judge:"
 VERDICT = re.compile(r"^\s*(?:(A|B)(?![A-Za-z0-9])|(tie)(?![A-Za-z0-9]))", re.IGNORECASE)
-UNTIL = ("\n",)
+UNTIL: tuple[str, ...] = ()  # the reply is a few tokens; a stop string would cut a leading newline to nothing
 
 
 def judge_role(model: str) -> str:
