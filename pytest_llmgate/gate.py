@@ -444,7 +444,10 @@ def _repeat_rules(
     if floor is not None:
         label = f"{task}: judged non-loss rate >= {floor:.2f}"
         judged = (run.judge.get(task) or {}).get(stage)
-        if judged is None or judged["non_loss_rate"]["rate"] is None:
+        if judged is not None and not judged["n"]:
+            errors = "; ".join(judged.get("errors", ()))
+            rules.append(RuleResult(label, False, f"no item was judged: {errors}", task=task))
+        elif judged is None or judged["non_loss_rate"]["rate"] is None:
             rules.append(RuleResult(label, True, "the task has no judge (set judge = '<model>' on it)", task=task,
                                     skipped=True))  # fmt: skip
         else:

@@ -104,13 +104,23 @@ def _rate(values: Sequence[float], confidence: float) -> dict[str, Any]:
 def judge_figures(outcomes: Sequence[Any], confidence: float = 0.95) -> dict[str, dict[str, Any]]:
     """Per task with a judge, per stage: W/L/T and the rates of the module's docstring (outcomes: ``ItemOutcome``)."""
     found: dict[str, dict[str, list[tuple[Mapping[str, Any], Any]]]] = {}
+    failed: dict[tuple[str, str], list[str]] = {}
     for outcome in outcomes:
         for role, side in outcome.sides.items():
-            if "judge" in side:
+            if "judge" not in side:
+                continue
+            if "error" in side["judge"]:
+                failed.setdefault((outcome.task, role), []).append(side["judge"]["error"])
+                found.setdefault(outcome.task, {}).setdefault(role, [])
+            else:
                 found.setdefault(outcome.task, {}).setdefault(role, []).append((side["judge"], outcome))
     figures: dict[str, dict[str, Any]] = {}
     for task, roles in found.items():
         for role, judged in roles.items():
+            errors = failed.get((task, role), [])
+            if not judged:
+                figures.setdefault(task, {})[role] = {"n": 0, "unjudged": len(errors), "errors": errors[:3]}
+                continue
             kinds = [j["outcome"] for j, _ in judged]
             wins, losses, ties = kinds.count("win"), kinds.count("loss"), kinds.count("tie")
             n = len(kinds)
@@ -126,6 +136,8 @@ def judge_figures(outcomes: Sequence[Any], confidence: float = 0.95) -> dict[str
                 "tie_share": ties / n,
                 "inconsistent_share": sum(bool(j["inconsistent"]) for j, _ in judged) / n,
                 "unparseable_verdicts": sum(int(j["unparseable"]) for j, _ in judged),
+                "unjudged": len(errors),  # items whose judge call failed (their answers stand), first errors below
+                "errors": errors[:3],
             }
             entry["agreement"] = _agreement(judged, role, confidence)
             figures.setdefault(task, {})[role] = entry

@@ -129,7 +129,12 @@ class WorkerPlugin:
             return self.engine.ask(role, prompts, until=UNTIL, max_gen_toks=settings.max_gen_toks)
 
         question = item.requests[0].context if item.requests else ""
-        for stage, judged in judge_item(settings, question, sides, ask).items():
+        try:
+            verdicts = judge_item(settings, question, sides, ask)
+        except Exception as error:  # the answers stand (and are cached); the item is reported unjudged
+            message = f"the judge '{settings.model}' failed: {type(error).__name__}: {error}"
+            verdicts = {stage: {"error": message} for stage in sides if stage != BASELINE_STAGE}
+        for stage, judged in verdicts.items():
             sides[stage]["judge"] = {**judged, "model": settings.model}
 
     @pytest.hookimpl(wrapper=True)

@@ -108,7 +108,7 @@ class JudgeBackend:
     """A judge double: of two answers to a ``RIGHT=<n>`` question, prefers the one that ends in ``#### n``.
 
     Weights: ``bias`` "A" or "B" answers that letter whatever it reads (a position-biased judge);
-    ``reply`` answers that text instead (e.g. an unparseable one).
+    ``reply`` answers that text instead (e.g. an unparseable one); ``fail`` raises, as a judge server that is down.
     """
 
     def __init__(self, spec, device: str) -> None:
@@ -122,6 +122,8 @@ class JudgeBackend:
         return hashlib.sha256(Path(spec.path).read_bytes()).hexdigest()
 
     def generate(self, requests: Sequence) -> list[list[str]]:
+        if self.weights.get("fail"):
+            raise RuntimeError("the judge server answered 503")
         out = []
         for request in requests:
             if "reply" in self.weights:

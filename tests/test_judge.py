@@ -126,6 +126,20 @@ def test_a_biased_or_unparseable_judge_gives_ties_and_says_so(project, weights, 
     assert figures["win_rate"]["rate"] is None  # no decided item: no win rate, not 0
 
 
+def test_a_failing_judge_leaves_the_answers_and_fails_the_judged_rule(project):
+    project.weights("referee", fail=True)
+    config = (project.path / "pyproject.toml").read_text()
+    project.config(config.replace("min_retention = 0.90\n", "min_retention = 0.05\nmin_non_loss_rate = 0.5\n"))
+    result = project.run("--stage=mild", "--llmgate-report=r.json", "--llmgate-no-speed")
+    assert result.ret == 10, result.stdout.str()
+    report = project.report("r.json")
+    assert len(report["items"]) == 16 and all(i["candidate"]["completion"] for i in report["items"])
+    figures = report["tasks"]["sums"]["judge"]["mild"]
+    assert figures["n"] == 0 and figures["unjudged"] == 16
+    assert "RuntimeError: the judge server answered 503" in figures["errors"][0]
+    result.stdout.fnmatch_lines(["*FAILED sums: judged non-loss rate >= 0.50: no item was judged: the judge*503*"])
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

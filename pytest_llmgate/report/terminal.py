@@ -343,6 +343,10 @@ def judge_lines(judged: Mapping[str, Any]) -> list[str]:
     lines = []
     for task, stages in sorted(judged.items()):
         for stage, f in stages.items():
+            if f.get("unjudged"):
+                lines.append(f"{task} judged, {stage}: {f['unjudged']} item(s) not judged: {f['errors'][0]}")
+            if not f["n"]:
+                continue
             win, non_loss = f["win_rate"], f["non_loss_rate"]
             text = (
                 f"{task} judged, {stage} vs baseline: W/L/T {f['wins']}/{f['losses']}/{f['ties']}; win rate "
