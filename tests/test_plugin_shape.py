@@ -57,19 +57,25 @@ def test_each_feature_is_one_plugin_registered_only_when_on(project):
     project.pytester.makeconftest(PLAIN_CONFTEST)
     project.run("--stage=mild", "--llmgate-no-cache")
     assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
-        "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-speed", "llmgate-worker"]
+        "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-progress", "llmgate-speed", "llmgate-worker"]
     project.run("--stage=mild", "--llmgate-no-cache", "--llmgate-no-speed")
     assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
-        "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-worker"]
+        "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-progress", "llmgate-worker"]
+    # The progress line: not under -q, nor with its switch.
+    for quiet in ("-q", "--llmgate-no-progress"):
+        project.run("--stage=mild", "--llmgate-no-cache", "--llmgate-no-speed", quiet)
+        assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
+            "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-worker"]
     # The reports' plugin: a report asked for, or the run history (kept beside the result cache).
     for reports in (("--llmgate-no-cache", "--llmgate-csv=r.csv"), ()):
         project.run("--stage=mild", "--llmgate-no-speed", *reports)
         assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
-            "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-reports", "llmgate-worker"]
+            "llmgate", "llmgate-collection", "llmgate-controller", "llmgate-progress", "llmgate-reports",
+            "llmgate-worker"]
     project.run("--stage=mild", "--llmgate-no-cache", "--llmgate-adaptive")
     assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
         "llmgate", "llmgate-adaptive", "llmgate-adaptive-controller", "llmgate-collection", "llmgate-controller",
-        "llmgate-speed", "llmgate-worker"]
+        "llmgate-progress", "llmgate-speed", "llmgate-worker"]
     project.run("--stage=mild", "--llmgate-plan")
     assert json.loads((project.path / "seen.json").read_text())["plugins"] == [
         "llmgate", "llmgate-collection", "llmgate-plan"]
