@@ -21,6 +21,7 @@ from . import ModelLoadError, ModelPool, resolve_local
 from .batching import CPU_GENERATION_TOKENS, BatchSizer
 from .generation import Decoder, DecodeRow, encode_pair, encode_text, eos_token_ids, generate_completions, render_chat
 from .kv_scoring import KVScorer, span_scores
+from .packed_scoring import PackedScorer
 from .probe import ProbeTiming
 
 log = logging.getLogger("pytest_llmgate")
@@ -135,7 +136,10 @@ class TransformersBackend:
             2048,
         )
         self.kv_reuse = True  # False: every request the plain way (the reference the tests compare with)
-        self._kv: Any = None
+        # With kv_reuse: "packed" (each item's context and choices in one pass, a tree attention mask) or "kv"
+        # (context first, then the choices on a copy of its cache); both equal the plain path to rounding.
+        self.scoring = "packed"
+        self._scorers: dict[str, Any] = {}
         self.sizer = BatchSizer(spec.batch_size, device)
         self.generation_sizer = BatchSizer(spec.batch_size, device, cpu_tokens=CPU_GENERATION_TOKENS)
         self.prefix_token_id = (
@@ -180,8 +184,8 @@ class TransformersBackend:
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
         """Summed continuation log-probability and greedy flag per request.
 
-        Pairs that fit the context window go through the key/value-reusing scorer (``kv_reuse``);
-        longer ones, which lm-eval truncates on the left, through the plain path.
+        Pairs that fit the context window go through the packed (or key/value-reusing) scorer (``kv_reuse``,
+        ``scoring``); longer ones, which lm-eval truncates on the left, through the plain path.
         """
         encoded = [self.encode_pair(self._context_text(r), r.continuation) for r in requests]
         for request, (_, continuation) in zip(requests, encoded, strict=True):
@@ -190,10 +194,14 @@ class TransformersBackend:
         fits = [i for i, (c, t) in enumerate(encoded) if self.kv_reuse and len(c) + len(t) <= self.max_length + 1]
         results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
         if fits:
-            if self._kv is None:
-                self._kv = KVScorer(self.model, self.device, self.sizer)
+            if self.scoring not in self._scorers:
+                if self.scoring not in ("packed", "kv"):
+                    raise ValueError(f"scoring must be 'packed' or 'kv', got {self.scoring!r}")
+                scorer_class = PackedScorer if self.scoring == "packed" else KVScorer
+                self._scorers[self.scoring] = scorer_class(self.model, self.device, self.sizer)
             with self._torch.inference_mode():
-                for i, value in zip(fits, self._kv.score([encoded[i] for i in fits]), strict=True):
+                scored = self._scorers[self.scoring].score([encoded[i] for i in fits])
+                for i, value in zip(fits, scored, strict=True):
                     results[i] = value
         chosen = set(fits)
         rest = [i for i in range(len(encoded)) if i not in chosen]
