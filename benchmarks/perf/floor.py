@@ -1,0 +1,105 @@
+"""The compute floor of a log-likelihood workload: forward time of exactly the tokens the task needs.
+
+Definition (the issue's): every token the requests need goes through the model once and only once —
+a prefix shared by all contexts of a shard (few-shot examples) once, each item's context once, each
+choice's tokens once (``(context + continuation)[:-1]``, merged in a token trie per item, so WinoGrande's
+words before the blank count once) — plus the output head over the positions that predict continuation
+tokens. Those tokens are forwarded as plain causal rows (one row per item, the shard's shared prefix once
+and its keys and values reused), length-sorted, in the engine's batch geometry (``BatchSizer``: 64 rows /
+2048 tokens per pass on the CPU), shards of ``shard_size`` consecutive items of one group, as the engine
+sends them. Plain causal rows with no tree mask are the cheapest shape for those tokens on SDPA, so the
+floor does not depend on how our scorer lays them out.
+
+The floor is measured in the calling process with the model already loaded (no start-up, no tokenizing,
+no harness): ``wall / floor`` of an end-to-end run is then everything the run costs above the
+irreducible forward passes. Run it in the same session as the wall times it is compared with.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Floor:
+    seconds: float
+    tokens: int  # unique tokens forwarded
+    scored: int  # positions through the output head
+    passes: int
+
+
+def item_rows(encoded: Sequence[tuple[list[int], list[int]]], shared: int) -> tuple[list[int], int]:
+    """(one item's unique tokens after ``shared`` as one sequence in trie order, number of distinct positions
+    that predict a continuation token)."""
+    from pytest_llmgate.models.packed_scoring import TokenTree
+
+    tree = TokenTree()
+    scored: set[int] = set()
+    for context, continuation in encoded:
+        nodes = tree.insert(list(context[shared:]) + list(continuation[:-1]))
+        rest = len(context) - shared
+        scored.update(nodes[rest - 1 : rest - 1 + len(continuation)])
+    return tree.tokens, len(scored)
+
+
+def measure_floor(backend: Any, shards: Sequence[Sequence[Sequence[Any]]]) -> Floor:
+    """Forward time of the unique tokens of ``shards`` (each a list of items, each item its loglikelihood
+    requests) on a loaded ``TransformersBackend``."""
+    import torch
+
+    from pytest_llmgate.models.batching import BatchSizer
+    from pytest_llmgate.models.kv_scoring import MIN_SHARED_PREFIX, common_prefix, layered_cache
+
+    model = backend.model
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    sizer = BatchSizer(backend.spec.batch_size, backend.device)
+    prepared = []
+    for shard in shards:
+        items = [[backend.encode_pair(backend._context_text(r), r.continuation) for r in item] for item in shard]
+        contexts = list({tuple(c): None for item in items for c, _ in item})
+        shared = min(common_prefix(contexts), min(len(c) for c in contexts) - 1) if len(contexts) > 1 else 0
+        shared = shared if shared >= MIN_SHARED_PREFIX else 0
+        rows = sorted((item_rows(item, shared) for item in items), key=lambda r: -len(r[0]))
+        prepared.append((list(contexts[0][:shared]), rows))
+    tokens = scored_total = passes = 0
+    seconds = 0.0
+    with torch.inference_mode():
+        for prefix, rows in prepared:
+            start = time.perf_counter()
+            past = None
+            if prefix:
+                out = decoder(input_ids=torch.tensor([prefix]), use_cache=True)
+                past = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            begin = 0
+            while begin < len(rows):
+                count = sizer.take([len(r[0]) for r in rows[begin : begin + sizer.rows]])
+                batch = rows[begin : begin + count]
+                width = len(batch[0][0])
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                mask = torch.zeros((len(batch), len(prefix) + width), dtype=torch.long)
+                mask[:, : len(prefix)] = 1
+                for r, (row, _) in enumerate(batch):
+                    ids[r, : len(row)] = torch.tensor(row)
+                    mask[r, len(prefix) : len(prefix) + len(row)] = 1
+                kwargs: dict[str, Any] = {}
+                if past is not None:
+                    cache = layered_cache(
+                        model.config, [(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in past]
+                    )
+                    kwargs = {"past_key_values": cache, "use_cache": True}
+                positions = (len(prefix) + torch.arange(width))[None].expand(len(batch), -1)
+                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).last_hidden_state
+                # The output head over as many positions as the batch scores (the last ones of each row).
+                n_scored = sum(s for _, s in batch)
+                picked = torch.cat([hidden[r, len(row) - s : len(row)] for r, (row, s) in enumerate(batch)])
+                torch.log_softmax(head(picked), dim=-1)
+                tokens += sum(len(row) for row, _ in batch)
+                scored_total += n_scored
+                passes += 1
+                begin += count
+            seconds += time.perf_counter() - start
+            tokens += len(prefix)
+    return Floor(seconds, tokens, scored_total, passes)
