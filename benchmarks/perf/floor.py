@@ -4,11 +4,14 @@ Definition (the issue's): every token the requests need goes through the model o
 a prefix shared by all contexts of a shard (few-shot examples) once, each item's context once, each
 choice's tokens once (``(context + continuation)[:-1]``, merged in a token trie per item, so WinoGrande's
 words before the blank count once) — plus the output head over the positions that predict continuation
-tokens. Those tokens are forwarded as plain causal rows (one row per item, the shard's shared prefix once
-and its keys and values reused), length-sorted, in the engine's batch geometry (``BatchSizer``: 64 rows /
-2048 tokens per pass on the CPU), shards of ``shard_size`` consecutive items of one group, as the engine
-sends them. Plain causal rows with no tree mask are the cheapest shape for those tokens on SDPA, so the
-floor does not depend on how our scorer lays them out.
+tokens. Those tokens are forwarded in the engine's batch geometry: shards of ``shard_size`` consecutive
+items of one group as the engine sends them, the shard's shared prefix once with its keys and values
+reused, each item's tokens as one sequence, sequences concatenated into rows as wide as the shard's longest
+item (at least 128 tokens, as the packed scorer lays them out), ``BatchSizer``'s rows and tokens per pass
+(64 / 2048 on the CPU), and plain causal attention with no mask at all. No padding but at the end of the
+last rows and no mask is the cheapest shape for those tokens (attention across the items packed in a row
+costs a little more than the tree mask's, which the floor counts in its own favour only on the matmuls),
+so the floor does not depend on how our scorer lays them out.
 
 The floor is measured in the calling process with the model already loaded (no start-up, no tokenizing,
 no harness): ``wall / floor`` of an end-to-end run is then everything the run costs above the
@@ -45,6 +48,22 @@ def item_rows(encoded: Sequence[tuple[list[int], list[int]]], shared: int) -> tu
     return tree.tokens, len(scored)
 
 
+def pack(rows: list[tuple[list[int], int]], min_width: int = 128) -> list[tuple[list[int], int]]:
+    """Item rows concatenated, longest first, into rows as wide as the longest (at least ``min_width``): the
+    unique tokens with next to no padding. (tokens, scored positions) per packed row."""
+    rows = sorted(rows, key=lambda r: -len(r[0]))
+    width = max([min_width, *(len(r[0]) for r in rows)])
+    packed: list[tuple[list[int], int]] = []
+    for tokens, scored in rows:
+        for i, (have, count) in enumerate(packed):
+            if len(have) + len(tokens) <= width:
+                packed[i] = (have + tokens, count + scored)
+                break
+        else:
+            packed.append((list(tokens), scored))
+    return sorted(packed, key=lambda r: -len(r[0]))
+
+
 def measure_floor(backend: Any, shards: Sequence[Sequence[Sequence[Any]]]) -> Floor:
     """Forward time of the unique tokens of ``shards`` (each a list of items, each item its loglikelihood
     requests) on a loaded ``TransformersBackend``."""
@@ -62,8 +81,7 @@ def measure_floor(backend: Any, shards: Sequence[Sequence[Sequence[Any]]]) -> Fl
         contexts = list({tuple(c): None for item in items for c, _ in item})
         shared = min(common_prefix(contexts), min(len(c) for c in contexts) - 1) if len(contexts) > 1 else 0
         shared = shared if shared >= MIN_SHARED_PREFIX else 0
-        rows = sorted((item_rows(item, shared) for item in items), key=lambda r: -len(r[0]))
-        prepared.append((list(contexts[0][:shared]), rows))
+        prepared.append((list(contexts[0][:shared]), pack([item_rows(item, shared) for item in items])))
     tokens = scored_total = passes = 0
     seconds = 0.0
     with torch.inference_mode():
@@ -79,25 +97,23 @@ def measure_floor(backend: Any, shards: Sequence[Sequence[Sequence[Any]]]) -> Fl
                 batch = rows[begin : begin + count]
                 width = len(batch[0][0])
                 ids = torch.zeros((len(batch), width), dtype=torch.long)
-                mask = torch.zeros((len(batch), len(prefix) + width), dtype=torch.long)
-                mask[:, : len(prefix)] = 1
                 for r, (row, _) in enumerate(batch):
                     ids[r, : len(row)] = torch.tensor(row)
-                    mask[r, len(prefix) : len(prefix) + len(row)] = 1
                 kwargs: dict[str, Any] = {}
                 if past is not None:
                     cache = layered_cache(
-                        model.config, [(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in past]
+                        model.config,
+                        [(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in past],
                     )
                     kwargs = {"past_key_values": cache, "use_cache": True}
                 positions = (len(prefix) + torch.arange(width))[None].expand(len(batch), -1)
-                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).last_hidden_state
-                # The output head over as many positions as the batch scores (the last ones of each row).
-                n_scored = sum(s for _, s in batch)
-                picked = torch.cat([hidden[r, len(row) - s : len(row)] for r, (row, s) in enumerate(batch)])
+                # No mask: plain causal attention, the cheapest form (padding only at the end of the last rows).
+                hidden = decoder(input_ids=ids, position_ids=positions, **kwargs).last_hidden_state
+                # The output head over as many positions as the batch scores.
+                picked = torch.cat([hidden[r, : min(s, width)] for r, (_, s) in enumerate(batch)])
                 torch.log_softmax(head(picked), dim=-1)
                 tokens += sum(len(row) for row, _ in batch)
-                scored_total += n_scored
+                scored_total += sum(s for _, s in batch)
                 passes += 1
                 begin += count
             seconds += time.perf_counter() - start

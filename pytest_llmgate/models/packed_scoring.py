@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .batching import BatchSizer
-from .kv_scoring import MIN_SHARED_PREFIX, common_prefix, layered_cache, span_scores
+from .kv_scoring import MIN_SHARED_PREFIX, common_prefix, layered_cache
 
 # Two contexts share one tree when their tokens after the call's shared prefix agree on at least this
 # many tokens (WinoGrande's words before the blank); below it the trees are only packed side by side.
@@ -232,11 +232,19 @@ class PackedScorer:
             use_cache=prefix_past is not None,
             **kwargs,
         ).last_hidden_state
-        requests, spans, targets = [], [], []
+        # Each scored position once through the output head (a multiple-choice item's choices all read their first
+        # token's distribution at the context's last token), log_softmax in the logits' dtype as lm-eval.
+        where: dict[int, int] = {}
+        for r, row in enumerate(batch):
+            for nodes in row.scored.values():
+                for node in nodes:
+                    where.setdefault(r * width + node, len(where))
+        flat = hidden.reshape(n * width, -1)[torch.tensor(list(where), device=hidden.device)]
+        logprobs = torch.log_softmax(self.head(flat), dim=-1)
+        greedy = logprobs.argmax(dim=-1)
         for r, row in enumerate(batch):
             for i, nodes in row.scored.items():
-                requests.append(i)
-                spans.append(hidden[r, torch.tensor(nodes, device=hidden.device)])
-                targets.append(torch.tensor(encoded[i][1], device=hidden.device))
-        for i, value in zip(requests, span_scores(self.head, spans, targets), strict=True):
-            results[i] = value
+                index = torch.tensor([where[r * width + node] for node in nodes], device=hidden.device)
+                target = torch.tensor(encoded[i][1], device=hidden.device)
+                picked = logprobs[index].gather(1, target[:, None])
+                results[i] = (float(picked.sum()), bool((greedy[index] == target).all()))
