@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_a_failed_write_leaves_nothing_and_is_not_an_error(tmp_path: Path, caplo
 def smollm2_twice(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
     """The default model loaded from its GGUF file (writing the copy), then from the copy."""
     pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from pytest_llmgate.config import ModelSpec
     from pytest_llmgate.models import load_backend
 
@@ -94,8 +95,9 @@ def smollm2_twice(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, P
     spec = ModelSpec(name="smollm2")
     work = tmp_path_factory.mktemp("work")
     first = load_backend(spec, device="cpu", work_dir=work, fingerprint="f", dequantized_dir=root)
-    # The second load must not read the GGUF file at all.
-    gguf_utils = transformers.modeling_gguf_pytorch_utils
+    # The second load must not read the GGUF file at all (transformers imports this function inside the functions
+    # that read GGUF config, tokenizer and weights, so replacing it on its module catches every read).
+    gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
     original = gguf_utils.load_gguf_checkpoint
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
