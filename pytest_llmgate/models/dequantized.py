@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -65,7 +66,7 @@ def save_folder(root: Path, key: str, part: str, save: Callable[[Path], None]) -
     try:
         temporary.mkdir(parents=True)
         save(temporary)
-        (temporary / COMPLETE).write_text('{"key": "%s"}\n' % key)
+        (temporary / COMPLETE).write_text(json.dumps({"key": key}) + "\n")
         try:
             os.rename(temporary, target)  # atomic; fails when another process renamed its copy first
         except OSError:

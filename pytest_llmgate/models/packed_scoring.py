@@ -172,6 +172,7 @@ class PackedScorer:
                 **{self.cache_arg: layered_cache(self.config, ())},
             )
             state = getattr(out, "cache", None) if self.cache_arg == "cache" else out.past_key_values
+            assert state is not None, "the decoder returned no cache although use_cache=True"
             prefix_past = [(layer.keys, layer.values) for layer in state.layers]
         rows = build_rows(encoded, shared)
         results: list[tuple[float, bool] | None] = [None] * len(encoded)

@@ -47,9 +47,9 @@ def _tokenizer(
     key = (str(folder), gguf_file)
     tokenizers = pool.tokenizers if pool is not None else {}
     if key not in tokenizers:
-        copy = dequantized.cached_folder(*saved, "tokenizer") if saved and gguf_file else None
-        if copy is not None:
-            tokenizers[key] = transformers.AutoTokenizer.from_pretrained(str(copy))
+        kept = dequantized.cached_folder(*saved, "tokenizer") if saved and gguf_file else None
+        if kept is not None:
+            tokenizers[key] = transformers.AutoTokenizer.from_pretrained(str(kept))
         else:
             kwargs = {"gguf_file": gguf_file} if gguf_file else {}
             tokenizers[key] = transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
@@ -81,16 +81,16 @@ def _pretrained(
     pristine = pool.pristine if pool is not None else {}
     if key not in pristine:
         part = f"model-{dtype}"
-        copy = dequantized.cached_folder(*saved, part) if saved and gguf_file else None
+        kept = dequantized.cached_folder(*saved, part) if saved and gguf_file else None
         model: Any
-        if copy is not None:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(copy), dtype=_torch_dtype(dtype))
+        if kept is not None:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(kept), dtype=_torch_dtype(dtype))
         else:
             kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
             if revision:
                 kwargs["revision"] = revision
             model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=_torch_dtype(dtype), **kwargs)
-        if gguf_file and copy is None:
+        if gguf_file and kept is None:
             # GGUF weights are dequantized on load: the model is dense, not "quantized" any more,
             # and transforms (.float(), save_pretrained) must be allowed on it.
             model.hf_quantizer = None
