@@ -64,6 +64,7 @@ class Engine:
     worker_index: int | None = None
     cpu_threads: int | None = None  # under xdist: the cores divided among the workers
     run_id: str = ""  # the same in every process of one run (xdist's testrunuid)
+    dequantized_dir: Path | None = None  # GGUF models kept dequantized (beside the result cache; None: not kept)
     shards: dict[str, list[tuple[TaskItem, str]]] = field(default_factory=dict)
     loads: Counter[str] = field(default_factory=Counter)
     _fingerprints: dict[str, str] = field(default_factory=dict)
@@ -135,6 +136,7 @@ class Engine:
                 fingerprint=fingerprint,
                 pool=self.pool,
                 threads=self.cpu_threads,
+                dequantized_dir=self.dequantized_dir,
             )
             self._memory[fingerprint] = {**meter.stop(), "device": device}
             self.loads[spec.name] += 1

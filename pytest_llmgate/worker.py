@@ -51,6 +51,8 @@ def make_engine(config: pytest.Config, state: RunState) -> Engine:
         worker_index=worker_index,
         cpu_threads=threads,
         run_id=run_id or uuid.uuid4().hex,
+        # Beside the result cache, and only with it: a run without the cache leaves nothing on disk.
+        dequantized_dir=gate.cache_path.parent / "dequantized" if gate.cache_path is not None else None,
         # Each xdist worker spends at most its share of the run's budget.
         budget=gate.max_cost / int(workerinput["workercount"]) if gate.max_cost and workerinput else gate.max_cost,
     )

@@ -141,19 +141,21 @@ LL_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("kv_reuse", [True, False], ids=["kv", "plain"])
+@pytest.mark.parametrize("scoring", ["packed", "kv", "plain"])
 def test_loglikelihoods_survive_out_of_memory(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              kv_reuse: bool) -> None:
+                                              scoring: str) -> None:
     reference = backend_for(tiny_folder, tmp_path)
-    reference.kv_reuse = kv_reuse
+    reference.kv_reuse, reference.scoring = scoring != "plain", scoring if scoring != "plain" else "packed"
     expected = reference.loglikelihood(LL_REQUESTS)
 
     starved = backend_for(tiny_folder, tmp_path)
-    starved.kv_reuse = kv_reuse
-    passes = fail_above(monkeypatch, starved, max_rows=2)
+    starved.kv_reuse, starved.scoring = reference.kv_reuse, reference.scoring
+    # The packed path packs these 9 items' trees into two rows: only a one-row limit makes it back off.
+    max_rows = 1 if scoring == "packed" else 2
+    passes = fail_above(monkeypatch, starved, max_rows=max_rows)
     got = starved.loglikelihood(LL_REQUESTS)
 
-    assert max(passes) > 2 and starved.sizer.backoffs >= 1 and starved.sizer.rows <= 2
+    assert max(passes) > max_rows and starved.sizer.backoffs >= 1 and starved.sizer.rows <= max_rows
     assert [g for _, g in got] == [g for _, g in expected]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=2e-5)
 
@@ -165,6 +167,7 @@ def test_choice_passes_back_off_below_one_context(tiny_folder: Path, tmp_path: P
     one_item = LL_REQUESTS[:4]
     expected = backend_for(tiny_folder, tmp_path).loglikelihood(one_item)
     starved = backend_for(tiny_folder, tmp_path)
+    starved.scoring = "kv"  # the path with a separate pass over the choices
     decoder = starved.model.get_decoder()
     original = decoder.forward
     choice_passes: list[int] = []

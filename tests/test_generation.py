@@ -144,6 +144,23 @@ def test_prefill_in_groups_of_rows_decodes_as_one_prefill(tiny, prompts, frequen
     assert shapes[3] == (len(prompts), 1)
 
 
+@pytest.mark.parametrize("prefill_rows", [None, 2])
+def test_shared_prefix_runs_once_and_decodes_as_generate(tiny, prompts, frequent_eos, prefill_rows):
+    # Fixed few-shot examples: every prompt starts with the same 20 tokens; one prompt is the prefix plus one token.
+    shared = torch.randint(3, 49152, (20,), generator=torch.Generator().manual_seed(7)).tolist()
+    with_prefix = [shared + p for p in prompts]
+    reference = hf_generate(tiny, with_prefix, frequent_eos)
+    own = max(len(p) for p in prompts)
+    run = decoder(tiny, frequent_eos, prefill_tokens=None if prefill_rows is None else prefill_rows * own)
+    rows, shapes = decode_recording_passes(run, with_prefix)
+    assert rows == reference
+    # The prefix alone first (one row), then only each row's own tokens.
+    assert shapes[0] == (1, 20)
+    first_step = next(i for i, shape in enumerate(shapes) if shape[1] == 1)
+    assert all(width == own for _, width in shapes[1:first_step])
+    assert sum(r for r, _ in shapes[1:first_step]) == len(prompts)
+
+
 def test_stop_strings_end_a_row_and_the_text_is_cut_as_lm_eval_cuts_it(tiny, tokenizer, prompts):
     contexts = [tokenizer.decode(p) for p in prompts[:4]]
     free = generate_completions(tiny, tokenizer, contexts, [GenerationRequest(c, ()) for c in contexts],

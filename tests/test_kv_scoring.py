@@ -1,4 +1,4 @@
-"""The key/value-reusing scorer gives the plain path's log-likelihoods: tiny model exactly, SmolLM2 on real rows."""
+"""The key/value-reusing and packed scorers give the plain path's log-likelihoods: tiny model, SmolLM2 on real rows."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from pytest_llmgate.config import ModelSpec  # noqa: E402
-from pytest_llmgate.models import kv_scoring, load_backend, model_fingerprint  # noqa: E402
+from pytest_llmgate.models import kv_scoring, load_backend, model_fingerprint, packed_scoring  # noqa: E402
 from pytest_llmgate.models.batching import BatchSizer  # noqa: E402
 from pytest_llmgate.tasks import TASKS, TaskOptions  # noqa: E402
 
@@ -48,28 +48,89 @@ def shard_like_pairs(seed: int) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
+SCORERS = {"kv": kv_scoring.KVScorer, "packed": packed_scoring.PackedScorer}
+
+
+def winogrande_like_pairs(seed: int) -> list[tuple[list[int], list[int]]]:
+    """Items whose two contexts share the words before the blank and differ after it, one shared continuation."""
+    rnd = random.Random(seed)
+    pairs = []
+    for _ in range(6):
+        before = [rnd.randrange(97) for _ in range(rnd.randrange(0, 15))]
+        after = [rnd.randrange(97) for _ in range(rnd.randrange(1, 8))]
+        for _ in range(2):
+            pairs.append((before + [rnd.randrange(97) for _ in range(rnd.randrange(1, 4))], after))
+    return pairs
+
+
+@pytest.mark.parametrize("scorer", ["kv", "packed"])
 @pytest.mark.parametrize("batch_size", ["auto", 2, 1])
-def test_tiny_model_matches_full_forward(tiny_model: Any, batch_size: int | str) -> None:
-    # Small batches split contexts and long choices into several passes.
+def test_tiny_model_matches_full_forward(tiny_model: Any, batch_size: int | str, scorer: str) -> None:
+    # Small batches split contexts (packed: rows) and long choices into several passes.
     pairs = shard_like_pairs(0)
     with torch.inference_mode():
-        got = kv_scoring.KVScorer(tiny_model, "cpu", BatchSizer(batch_size, "cpu")).score(pairs)
+        got = SCORERS[scorer](tiny_model, "cpu", BatchSizer(batch_size, "cpu")).score(pairs)
     expected = reference(tiny_model, pairs)
     assert [g for _, g in got] == [g for _, g in expected]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=2e-5)
 
 
-def test_no_shared_prefix_and_single_context(tiny_model: Any) -> None:
+@pytest.mark.parametrize("scorer", ["kv", "packed"])
+@pytest.mark.parametrize("batch_size", ["auto", 1])
+def test_tiny_model_winogrande_like(tiny_model: Any, batch_size: int | str, scorer: str) -> None:
+    pairs = winogrande_like_pairs(2)
+    with torch.inference_mode():
+        got = SCORERS[scorer](tiny_model, "cpu", BatchSizer(batch_size, "cpu")).score(pairs)
+    expected = reference(tiny_model, pairs)
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=2e-5)
+
+
+@pytest.mark.parametrize("scorer", ["kv", "packed"])
+def test_no_shared_prefix_and_single_context(tiny_model: Any, scorer: str) -> None:
     rnd = random.Random(1)
     pairs = [([rnd.randrange(97) for _ in range(n)], [rnd.randrange(97) for _ in range(m)])
              for n, m in ((5, 1), (12, 4), (1, 2), (3, 3))]
     with torch.inference_mode():
-        scorer = kv_scoring.KVScorer(tiny_model, "cpu")
+        scorer = SCORERS[scorer](tiny_model, "cpu")
         together = scorer.score(pairs)
         alone = [scorer.score([pair])[0] for pair in pairs]
     expected = reference(tiny_model, pairs)
     for values in (together, alone):
         assert [ll for ll, _ in values] == pytest.approx([ll for ll, _ in expected], abs=2e-5)
+
+
+def test_packed_rows_hold_each_needed_token_once() -> None:
+    # A multiple-choice item: one context, choices of 1 and 3 tokens; a WinoGrande pair: 5 words before the
+    # blank, one option token each, the same 3-token continuation; an unrelated short item.
+    mc = [([1, 2, 3, 4], [5]), ([1, 2, 3, 4], [6, 7, 8])]
+    wino = [([20, 21, 22, 23, 24, 30], [40, 41, 42]), ([20, 21, 22, 23, 24, 31], [40, 41, 42])]
+    other = [([50, 51], [52, 53])]
+    rows = packed_scoring.build_rows(mc + wino + other, shared=0)
+    tokens = sorted(t for row in rows for t in row.tokens)
+    # mc: 4 context + 2 (the 3-token choice's first two); wino: 5 shared + 2 options + 2 x 2; other: 2 + 1
+    assert tokens == sorted([1, 2, 3, 4, 6, 7, 20, 21, 22, 23, 24, 30, 31, 40, 41, 40, 41, 50, 51, 52])
+    assert len(rows) == 1  # 20 tokens: all trees packed into one row
+    row = rows[0]
+    for i, (context, continuation) in enumerate(mc + wino + other):
+        scored = row.scored[i]
+        assert len(scored) == len(continuation)
+        # The first scored position holds the context's last token; each later one the previous continuation token.
+        assert [row.tokens[p] for p in scored] == [context[-1], *continuation[:-1]]
+        # Positions are depths in the request's own sequence; ancestors are exactly the sequence before it.
+        last = scored[-1]
+        assert row.depths[last] == len(context) + len(continuation) - 2
+        chain = []
+        node = last
+        while node >= 0:
+            chain.append(row.tokens[node])
+            node = row.parents[node]
+        assert chain[::-1] == (context + continuation)[:-1]
+
+
+def test_group_contexts_merges_only_shared_prefixes() -> None:
+    contexts = [(1, 2, 3, 4, 5, 9), (7, 8), (1, 2, 3, 4, 5, 6), (1, 2, 9)]
+    assert packed_scoring.group_contexts(contexts, min_merged=4) == [[2, 0], [3], [1]]
 
 
 def test_common_prefix() -> None:
@@ -87,13 +148,16 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Any:
     backend.close()
 
 
-@pytest.mark.parametrize(("task", "shots", "limit"), [("mmlu", 5, 3), ("winogrande", 0, 4), ("arc_challenge", 3, 3)])
+@pytest.mark.parametrize("scoring", ["packed", "kv"])
+@pytest.mark.parametrize(("task", "shots", "limit"), [("mmlu", 5, 3), ("winogrande", 0, 6), ("arc_challenge", 3, 3),
+                                                      ("arc_challenge", 0, 6), ("hellaswag", 0, 4)])
 def test_smollm2_real_rows_same_as_plain_path(smollm2: Any, shared_datasets: Any, task: str, shots: int,
-                                              limit: int) -> None:
+                                              limit: int, scoring: str) -> None:
     configured = TASKS[task].configured(TaskOptions(num_fewshot=shots))
     items, _ = configured.load(shared_datasets, limit)
     requests = [r for item in items for r in item.requests]
     smollm2.kv_reuse = True
+    smollm2.scoring = scoring
     fast = smollm2.loglikelihood(requests)
     smollm2.kv_reuse = False
     try:

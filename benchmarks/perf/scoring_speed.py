@@ -1,4 +1,4 @@
-"""Speed of log-likelihood scoring: the key/value-reusing path against the plain (lm-eval-shaped) path.
+"""Speed of log-likelihood scoring: the key/value-reusing and packed paths against the plain (lm-eval-shaped) path.
 
 Both paths run in this one process on the same model and the same requests, one after the other, so the
 ratio is free of machine-to-machine noise. The plain path does exactly the forward passes lm-evaluation-
@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = ModelSpec(name="smollm2", dtype=args.dtype, batch_size=args.batch_size)
     backend = load_backend(spec, device="cpu", work_dir=Path("/tmp/llmgate-perf"), fingerprint="perf")
-    print("| workload | items | requests | plain s | kv s | speed-up | max |dLL| | same predictions |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| workload | items | requests | plain s | kv s | packed s | kv speed-up | packed speed-up | "
+          "max |dLL| kv / packed | same predictions kv / packed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for workload in args.workload:
         name, shots, groups, count = workload.split(":")
         task = TASKS[name].configured(TaskOptions(num_fewshot=int(shots)))
@@ -53,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             by_group.setdefault(item.group, []).extend(item.requests)
         timings = {}
         results = {}
-        for mode in ("plain", "kv"):
-            backend.kv_reuse = mode == "kv"
+        for mode in ("plain", "kv", "packed"):
+            backend.kv_reuse = mode != "plain"
+            backend.scoring = mode if mode != "plain" else "packed"
             start = time.perf_counter()
             out = []
             for chunk in by_group.values():
@@ -63,18 +65,22 @@ def main(argv: list[str] | None = None) -> int:
             results[mode] = out
         order = [r for group in by_group.values() for r in group]
         assert len(order) == len(requests)
-        diff = max(abs(a[0] - b[0]) for a, b in zip(results["plain"], results["kv"], strict=True))
-        same = 0
-        offset = 0
-        for item in [i for g in by_group for i in items if i.group == g]:
-            n = len(item.requests)
-            a = task.score(item, results["plain"][offset:offset + n])
-            b = task.score(item, results["kv"][offset:offset + n])
-            same += (a["prediction"], a.get("prediction_norm")) == (b["prediction"], b.get("prediction_norm"))
-            offset += n
+        diffs, sames = [], []
+        for mode in ("kv", "packed"):
+            diffs.append(max(abs(a[0] - b[0]) for a, b in zip(results["plain"], results[mode], strict=True)))
+            same = 0
+            offset = 0
+            for item in [i for g in by_group for i in items if i.group == g]:
+                n = len(item.requests)
+                a = task.score(item, results["plain"][offset:offset + n])
+                b = task.score(item, results[mode][offset:offset + n])
+                same += (a["prediction"], a.get("prediction_norm")) == (b["prediction"], b.get("prediction_norm"))
+                offset += n
+            sames.append(same)
         print(f"| {name} {shots}-shot | {len(items)} | {len(requests)} | {timings['plain']:.1f} | "
-              f"{timings['kv']:.1f} | {timings['plain'] / timings['kv']:.2f}x | {diff:.1e} | {same}/{len(items)} |",
-              flush=True)
+              f"{timings['kv']:.1f} | {timings['packed']:.1f} | {timings['plain'] / timings['kv']:.2f}x | "
+              f"{timings['plain'] / timings['packed']:.2f}x | {diffs[0]:.1e} / {diffs[1]:.1e} | "
+              f"{sames[0]}/{len(items)} / {sames[1]}/{len(items)} |", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory: {peak:.0f} MiB")
     return 0

@@ -9,6 +9,12 @@ item). Then the per-item results are lined up: log-likelihood tasks compare pred
 acc_norm) and the largest log-likelihood difference, GSM8K the raw completions and both extracted
 answers.
 
+The compute floor of each log-likelihood workload (``floor.py``: forward time of the unique tokens the task
+needs, each shared prefix, context and continuation once, at the engine's batch geometry) is measured in
+this process after both tools ran, the model loaded once (``--floor-repeats`` times, the fastest counts),
+and reported as ``floor s`` and ``wall / floor`` (our end-to-end wall time over it). ``--no-floor`` skips it;
+generation workloads (GSM8K) have no floor here.
+
 ``--overhead`` runs our side once more inside this process with the model's decoder forward wrapped
 by a timer, and prints the harness overhead: wall time of the run / time inside the decoder's forward
 calls (the forward passes over exactly the tokens the run needs).
@@ -226,6 +232,53 @@ def self_agreement(workload: Workload, subjects: Sequence[str], first: Path, sec
     return f"{same}/{len(keys)} predictions, max |dLL| {diff:.1e}"
 
 
+# --- compute floor ------------------------------------------------------------------------------
+
+def workload_items(args: argparse.Namespace, workload: Workload, folder: Path) -> list[Any]:
+    """The items our run of ``workload`` evaluates (the project ``our_project`` wrote under ``folder``)."""
+    from pytest_llmgate.tasks import TASKS, TaskOptions
+
+    if workload.task == "mmlu":
+        data_dir = folder / "project" / "data"
+    elif workload.task == "hellaswag":
+        data_dir = args.fidelity_dir / "data" / "substitute"
+    else:
+        data_dir = args.data_dir.resolve()
+    task = TASKS[workload.our_task].configured(TaskOptions(num_fewshot=workload.shots))
+    items, _ = task.load(data_dir, None if workload.task == "mmlu" else workload.items)
+    return items
+
+
+def shards_of(items: Sequence[Any], shard_size: int = 32) -> list[list[list[Any]]]:
+    """Items as the engine shards them (group, block of ``shard_size`` doc ids), each item its requests."""
+    shards: dict[tuple[str, int], list[list[Any]]] = {}
+    for item in items:
+        shards.setdefault((item.group, item.doc_id // shard_size), []).append(list(item.requests))
+    return list(shards.values())
+
+
+class FloorMeter:
+    """The floor.py measurement on a model loaded once per dtype in this process."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.backends: dict[str, Any] = {}
+
+    def measure(self, workload: Workload, dtype: str, folder: Path) -> Any:
+        from floor import measure_floor  # the sibling script
+
+        from pytest_llmgate.config import ModelSpec
+        from pytest_llmgate.models import load_backend
+
+        if dtype not in self.backends:
+            spec = ModelSpec(name="ref", path=str(self.args.fidelity_dir / "smollm2-hf"), dtype=dtype)
+            self.backends[dtype] = load_backend(spec, device="cpu", work_dir=self.args.work / "floor",
+                                                fingerprint=f"floor-{dtype}")
+        shards = shards_of(workload_items(self.args, workload, folder))
+        runs = [measure_floor(self.backends[dtype], shards) for _ in range(self.args.floor_repeats)]
+        return min(runs, key=lambda f: f.seconds)
+
+
 # --- harness overhead ----------------------------------------------------------------------------
 
 def overhead(args: argparse.Namespace, workload: Workload, dtype: str) -> None:
@@ -288,14 +341,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mmlu-subjects", type=lambda s: tuple(s.split(",")), default=SUBJECTS)
     parser.add_argument("--lm-eval-batch-size", default="16")
     parser.add_argument("--overhead", action="append", default=[], metavar="WORKLOAD")
+    parser.add_argument("--no-floor", action="store_true", help="skip the compute floor")
+    parser.add_argument("--floor-repeats", type=int, default=2)
     parser.add_argument("--self-check", metavar="BATCH",
                         help="also run lm-eval at this batch size and report how often it agrees with itself")
     args = parser.parse_args(argv)
     args.fidelity_dir = args.fidelity_dir.resolve()
     dtypes = args.dtype or ["float32"]
-    print("| workload | dtype | items | lm-eval s | ours s | lm-eval items/s | ours items/s | speed-up | "
-          "identical predictions | detail | peak MiB lm-eval / ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    meter = FloorMeter(args)
+    print("| workload | dtype | items | lm-eval s | ours s | lm-eval items/s | ours items/s | speed-up | floor s | "
+          "wall / floor | identical predictions | detail | peak MiB lm-eval / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for dtype in dtypes:
         for text in args.workload:
             workload = Workload.parse(text)
@@ -310,12 +366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             check = agreement(workload, args.mmlu_subjects, lm_eval_out, folder / "report.json")
             n = check["items"]
-            record = {"workload": text, "dtype": dtype, "lm_eval": theirs.__dict__, "ours": ours.__dict__, **check}
+            floor = None if args.no_floor or workload.task == "gsm8k" else meter.measure(workload, dtype, folder)
+            record = {"workload": text, "dtype": dtype, "lm_eval": theirs.__dict__, "ours": ours.__dict__, **check,
+                      "floor": None if floor is None else floor.__dict__}
             (folder / "result.json").write_text(json.dumps(record, indent=1) + "\n")
+            floor_cells = ("n/a | n/a" if floor is None else
+                           f"{floor.seconds:.1f} ({floor.tokens} tokens) | {ours.seconds / floor.seconds:.2f}")
             print(f"| {workload.label} | {dtype} | {n} | {theirs.seconds:.1f} | {ours.seconds:.1f} | "
                   f"{n / theirs.seconds:.2f} | {n / ours.seconds:.2f} | {theirs.seconds / ours.seconds:.2f}x | "
-                  f"{check['same']}/{n} | {check['detail']} | {theirs.peak_mib:.0f} / {ours.peak_mib:.0f} |",
-                  flush=True)
+                  f"{floor_cells} | {check['same']}/{n} | {check['detail']} | "
+                  f"{theirs.peak_mib:.0f} / {ours.peak_mib:.0f} |", flush=True)
             if args.self_check:
                 again = folder / f"lm_eval_b{args.self_check}"
                 if run_lm_eval(args, workload, dtype, again, args.self_check).returncode == 0:

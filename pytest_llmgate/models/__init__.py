@@ -305,8 +305,10 @@ def load_backend(
     fingerprint: str,
     pool: ModelPool | None = None,
     threads: int | None = None,
+    dequantized_dir: Path | None = None,
 ) -> Backend:
-    """Instantiate the backend for ``spec`` on ``device`` (``threads``: this process's share of the CPU cores)."""
+    """Instantiate the backend for ``spec`` on ``device`` (``threads``: this process's share of the CPU cores;
+    ``dequantized_dir``: where GGUF files read by transformers are kept dequantized, ``dequantized.py``)."""
     if spec.backend == "openai":
         from .openai_backend import OpenAIBackend
 
@@ -320,7 +322,9 @@ def load_backend(
         return backend_class(spec, device=device)
     from .transformers_backend import TransformersBackend
 
-    return TransformersBackend(spec, device=device, work_dir=work_dir, fingerprint=fingerprint, pool=pool)
+    return TransformersBackend(
+        spec, device=device, work_dir=work_dir, fingerprint=fingerprint, pool=pool, dequantized_dir=dequantized_dir
+    )
 
 
 __all__ = [

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import BatchSizer
-from .kv_scoring import layered_cache
+from .kv_scoring import MIN_SHARED_PREFIX, common_prefix, layered_cache
 
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever lm-eval samples
 # generation_config fields with which transformers' generate (so lm-eval) would change greedy choices, and
@@ -212,21 +212,42 @@ class Decoder:
         new_cache = out.cache if self._cache_arg == "cache" else out.past_key_values
         return out.logits[:, -1, :].float(), new_cache
 
-    def _prefill(self, ids: Any, mask: Any, positions: Any) -> tuple[Any, Any]:
+    def _prefix(self, tokens: Sequence[int]) -> list[tuple[Any, Any]]:
+        """Keys and values of ``tokens`` (the prompts' shared prefix), computed once for every row."""
+        torch = self._torch
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        _, cache = self._forward(ids, None, torch.arange(len(tokens), device=self.device)[None], None)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _expanded(self, prefix: list[tuple[Any, Any]] | None, rows: int) -> Any:
+        """A cache holding ``prefix`` for ``rows`` rows (None without a prefix)."""
+        if prefix is None:
+            return None
+        return layered_cache(
+            self.model.config, [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
+        )
+
+    def _prefill(
+        self, ids: Any, mask: Any, positions: Any, prefix: list[tuple[Any, Any]] | None = None
+    ) -> tuple[Any, Any]:
         """Last-position logits and the cache of every row, computed in groups of rows that keep each pass
-        within ``prefill_tokens``; the groups' caches are joined into one for decoding."""
+        within ``prefill_tokens``; the groups' caches are joined into one for decoding. ``prefix``: the cache of
+        a prefix every row starts with (``mask`` then covers it too)."""
         torch = self._torch
         rows, width = ids.shape
         per_pass = rows if self.prefill_tokens is None else max(1, self.prefill_tokens // width)
         if per_pass >= rows:
-            return self._forward(ids, None if bool(mask.all()) else mask, positions, None)
+            return self._forward(ids, None if bool(mask.all()) else mask, positions, self._expanded(prefix, rows))
         logits = []
         joined: list[tuple[Any, Any]] = []
         for begin in range(0, rows, per_pass):
             part = slice(begin, begin + per_pass)
             part_mask = mask[part]
             part_logits, part_cache = self._forward(
-                ids[part], None if bool(part_mask.all()) else part_mask, positions[part], None
+                ids[part],
+                None if bool(part_mask.all()) else part_mask,
+                positions[part],
+                self._expanded(prefix, part_mask.shape[0]),
             )
             logits.append(part_logits)
             for layer, state in enumerate(part_cache.layers):
@@ -257,19 +278,29 @@ class Decoder:
         for row in rows:
             if not row.prompt:
                 raise ValueError("cannot generate from an empty context")
-        width = max(len(row.prompt) for row in rows)
+        # A prefix every prompt starts with (a fixed-shot task's examples) runs once; each row keeps at least one
+        # token of its own, whose last position gives the first generated token.
+        shared = common_prefix([row.prompt for row in rows]) if len(rows) > 1 else 0
+        shared = min(shared, min(len(row.prompt) for row in rows) - 1)
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        width = max(len(row.prompt) for row in rows) - shared
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
         for r, row in enumerate(rows):
-            ids[r, width - len(row.prompt) :] = torch.tensor(row.prompt, dtype=torch.long)
-            mask[r, width - len(row.prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            own = row.prompt[shared:]
+            ids[r, width - len(own) :] = torch.tensor(own, dtype=torch.long)
+            mask[r, shared + width - len(own) :] = 1
+        positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))[:, shared:]
         padded = not bool(mask.all())
+        prefix = self._prefix(rows[0].prompt[:shared]) if shared else None
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         generators = [torch.Generator().manual_seed(row.seed) if row.temperature > 0 else None for row in rows]
         generated: list[list[int]] = [[] for _ in rows]
         active = list(range(len(rows)))  # original row index of each batch row
-        logits, cache = self._prefill(ids, mask, positions)
+        logits, cache = self._prefill(ids, mask, positions, prefix)
+        del prefix
         while True:
             picked = self._pick(logits, [rows[i] for i in active], [generators[i] for i in active])
             keep = []

@@ -17,10 +17,11 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
-from . import ModelLoadError, ModelPool, resolve_local
+from . import ModelLoadError, ModelPool, file_sha256, resolve_local
 from .batching import CPU_GENERATION_TOKENS, BatchSizer
 from .generation import Decoder, DecodeRow, encode_pair, encode_text, eos_token_ids, generate_completions, render_chat
 from .kv_scoring import KVScorer, span_scores
+from .packed_scoring import PackedScorer
 from .probe import ProbeTiming
 
 log = logging.getLogger("pytest_llmgate")
@@ -34,15 +35,26 @@ def _torch_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, _DTYPES[name])
 
 
-def _tokenizer(folder: Path, gguf_file: str | None, pool: ModelPool | None = None) -> Any:
-    """The tokenizer of ``folder`` (or of its GGUF file), read once per pool."""
+def _tokenizer(
+    folder: Path, gguf_file: str | None, pool: ModelPool | None = None, saved: tuple[Path, str] | None = None
+) -> Any:
+    """The tokenizer of ``folder`` (or of its GGUF file), read once per pool. ``saved``: (folder, key) of the
+    GGUF's dequantized copy (``dequantized``), read instead of the GGUF file when there, written when not."""
     import transformers
+
+    from . import dequantized
 
     key = (str(folder), gguf_file)
     tokenizers = pool.tokenizers if pool is not None else {}
     if key not in tokenizers:
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizers[key] = transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        kept = dequantized.cached_folder(*saved, "tokenizer") if saved and gguf_file else None
+        if kept is not None:
+            tokenizers[key] = transformers.AutoTokenizer.from_pretrained(str(kept))
+        else:
+            kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+            tokenizers[key] = transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
+            if saved and gguf_file:
+                dequantized.save_folder(*saved, "tokenizer", tokenizers[key].save_pretrained)
     return tokenizers[key]
 
 
@@ -54,6 +66,7 @@ def _pretrained(
     *,
     private: bool,
     pool: ModelPool | None = None,
+    saved: tuple[Path, str] | None = None,
 ) -> Any:
     """The model read from ``folder``, once per pool. ``private``: a copy the caller may change (a transform,
     a move to a GPU); otherwise the pool's shared copy itself, which saves the memory of a second copy when
@@ -62,19 +75,29 @@ def _pretrained(
 
     import transformers
 
+    from . import dequantized
+
     key = (str(folder), gguf_file, dtype, revision)
     pristine = pool.pristine if pool is not None else {}
     if key not in pristine:
-        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-        if revision:
-            kwargs["revision"] = revision
-        model: Any = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=_torch_dtype(dtype), **kwargs)
-        if gguf_file:
+        part = f"model-{dtype}"
+        kept = dequantized.cached_folder(*saved, part) if saved and gguf_file else None
+        model: Any
+        if kept is not None:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(kept), dtype=_torch_dtype(dtype))
+        else:
+            kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+            if revision:
+                kwargs["revision"] = revision
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=_torch_dtype(dtype), **kwargs)
+        if gguf_file and kept is None:
             # GGUF weights are dequantized on load: the model is dense, not "quantized" any more,
             # and transforms (.float(), save_pretrained) must be allowed on it.
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
+            if saved:
+                dequantized.save_folder(*saved, part, dequantized.save_model(model))
         pristine[key] = model
     return copy.deepcopy(pristine[key]) if private else pristine[key]
 
@@ -83,7 +106,14 @@ class TransformersBackend:
     """A causal LM from transformers (local folder, GGUF file or hub id), optionally transformed."""
 
     def __init__(
-        self, spec: ModelSpec, *, device: str, work_dir: Path, fingerprint: str, pool: ModelPool | None = None
+        self,
+        spec: ModelSpec,
+        *,
+        device: str,
+        work_dir: Path,
+        fingerprint: str,
+        pool: ModelPool | None = None,
+        dequantized_dir: Path | None = None,
     ) -> None:
         import torch
 
@@ -105,8 +135,24 @@ class TransformersBackend:
 
             made = quantized_gguf(gguf_path(spec), spec.transform["type"], work_dir)
             folder, gguf_file, self.notes = made.path.parent, made.path.name, list(made.notes)
+        # A GGUF file is read once and kept dequantized in ``dequantized_dir`` (beside the result cache).
+        digests: dict[Path, str] = {}
+
+        def digest(path: Path) -> str:
+            if path not in digests:
+                digests[path] = file_sha256(path)
+            return digests[path]
+
+        def saved(source: tuple[Path, str | None]) -> tuple[Path, str] | None:
+            from .dequantized import dequantized_key
+
+            gguf = source[1]
+            if gguf is None or revision is not None or dequantized_dir is None:
+                return None
+            return dequantized_dir, dequantized_key(source[0], gguf, digest)
+
         try:
-            self.tokenizer = _tokenizer(*tokenizer_source, pool=pool)
+            self.tokenizer = _tokenizer(*tokenizer_source, pool=pool, saved=saved(tokenizer_source))
             if spec.backend == "vptq":
                 from .quantize import load_vptq_model
 
@@ -115,7 +161,13 @@ class TransformersBackend:
                 # Evaluated as it is on the CPU, the model is never changed: no copy needed.
                 changes = spec.transform is not None and spec.transform["method"] != "gguf"
                 model = _pretrained(
-                    folder, gguf_file, spec.dtype, revision, private=changes or device != "cpu", pool=pool
+                    folder,
+                    gguf_file,
+                    spec.dtype,
+                    revision,
+                    private=changes or device != "cpu",
+                    pool=pool,
+                    saved=saved((folder, gguf_file)),
                 )
         except ModelLoadError:
             raise
@@ -135,7 +187,10 @@ class TransformersBackend:
             2048,
         )
         self.kv_reuse = True  # False: every request the plain way (the reference the tests compare with)
-        self._kv: Any = None
+        # With kv_reuse: "packed" (each item's context and choices in one pass, a tree attention mask) or "kv"
+        # (context first, then the choices on a copy of its cache); both equal the plain path to rounding.
+        self.scoring = "packed"
+        self._scorers: dict[str, Any] = {}
         self.sizer = BatchSizer(spec.batch_size, device)
         self.generation_sizer = BatchSizer(spec.batch_size, device, cpu_tokens=CPU_GENERATION_TOKENS)
         self.prefix_token_id = (
@@ -180,8 +235,8 @@ class TransformersBackend:
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
         """Summed continuation log-probability and greedy flag per request.
 
-        Pairs that fit the context window go through the key/value-reusing scorer (``kv_reuse``);
-        longer ones, which lm-eval truncates on the left, through the plain path.
+        Pairs that fit the context window go through the packed (or key/value-reusing) scorer (``kv_reuse``,
+        ``scoring``); longer ones, which lm-eval truncates on the left, through the plain path.
         """
         encoded = [self.encode_pair(self._context_text(r), r.continuation) for r in requests]
         for request, (_, continuation) in zip(requests, encoded, strict=True):
@@ -190,10 +245,14 @@ class TransformersBackend:
         fits = [i for i, (c, t) in enumerate(encoded) if self.kv_reuse and len(c) + len(t) <= self.max_length + 1]
         results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
         if fits:
-            if self._kv is None:
-                self._kv = KVScorer(self.model, self.device, self.sizer)
+            if self.scoring not in self._scorers:
+                if self.scoring not in ("packed", "kv"):
+                    raise ValueError(f"scoring must be 'packed' or 'kv', got {self.scoring!r}")
+                scorer_class = PackedScorer if self.scoring == "packed" else KVScorer
+                self._scorers[self.scoring] = scorer_class(self.model, self.device, self.sizer)
             with self._torch.inference_mode():
-                for i, value in zip(fits, self._kv.score([encoded[i] for i in fits]), strict=True):
+                scored = self._scorers[self.scoring].score([encoded[i] for i in fits])
+                for i, value in zip(fits, scored, strict=True):
                     results[i] = value
         chosen = set(fits)
         rest = [i for i in range(len(encoded)) if i not in chosen]
