@@ -18,21 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import dig
+
 COLUMNS = (
     "task", "metric", "n", "chance", "informative", "stage", "stage_verdict", "baseline_score", "stage_score",
     "retention", "retention_ci_low", "retention_ci_high", "threshold", "passed", "wins", "losses", "ties",
     "mcnemar_p", "noninferiority_p", "size_bytes", "compression_ratio", "bits_per_weight", "latency_p95_ms",
     "latency_ratio", "decode_tokens_per_s", "peak_memory_mb", "latency_ratio_low", "latency_ratio_high",
 )  # fmt: skip
-
-
-def _get(mapping: Any, *keys: str) -> Any:
-    """``mapping[k1][k2]...``, or None where a level is missing or null."""
-    for key in keys:
-        if not isinstance(mapping, Mapping):
-            return None
-        mapping = mapping.get(key)
-    return mapping
 
 
 def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -42,7 +35,7 @@ def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     for stage, verdict in (report.get("stages") or {}).items():
         info = models.get(stage) or {}
         speed = info.get("speed") or {}
-        ratio = _get(speed, "vs_reference", "latency_ratio") or {}
+        ratio = dig(speed, "vs_reference", "latency_ratio") or {}
         for task, t in sorted((verdict.get("tasks") or {}).items()):
             ci = t.get("retention_ci") or [None, None]
             rows.append(
@@ -54,8 +47,8 @@ def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "informative": t.get("informative"),
                     "stage": stage,
                     "stage_verdict": verdict.get("verdict"),
-                    "baseline_score": _get(t, "baseline", "score"),
-                    "stage_score": _get(t, "candidate", "score"),
+                    "baseline_score": dig(t, "baseline", "score"),
+                    "stage_score": dig(t, "candidate", "score"),
                     "retention": t.get("retention"),
                     "retention_ci_low": ci[0],
                     "retention_ci_high": ci[1],
@@ -64,12 +57,12 @@ def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "wins": t.get("wins"),
                     "losses": t.get("losses"),
                     "ties": t.get("ties"),
-                    "mcnemar_p": _get(t, "mcnemar", "p_value"),
-                    "noninferiority_p": _get(t, "noninferiority", "p_value"),
+                    "mcnemar_p": dig(t, "mcnemar", "p_value"),
+                    "noninferiority_p": dig(t, "noninferiority", "p_value"),
                     "size_bytes": info.get("size_bytes"),
                     "compression_ratio": info.get("compression_ratio"),
                     "bits_per_weight": info.get("bits_per_weight"),
-                    "latency_p95_ms": _get(speed, "latency_ms", "p95"),
+                    "latency_p95_ms": dig(speed, "latency_ms", "p95"),
                     "latency_ratio": ratio.get("point"),
                     "decode_tokens_per_s": speed.get("decode_tokens_per_s"),
                     "peak_memory_mb": info.get("peak_memory_mb"),

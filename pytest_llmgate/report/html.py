@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from . import dig
+
 BASELINE = "baseline"
 PREVIEW_CHARS = 160
 PROMPT_CHARS = 4000  # the tail of a long few-shot prompt: the question is at its end
@@ -101,14 +103,6 @@ def _num(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _get(mapping: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(mapping, Mapping):
-            return None
-        mapping = mapping.get(key)
-    return mapping
-
-
 def _stage_names(report: Mapping[str, Any]) -> list[str]:
     stages = report.get("stages")
     return list(stages) if isinstance(stages, Mapping) else []
@@ -117,7 +111,7 @@ def _stage_names(report: Mapping[str, Any]) -> list[str]:
 def _task_names(report: Mapping[str, Any], stages: Sequence[str]) -> list[str]:
     names: set[str] = set()
     for stage in stages:
-        tasks = _get(report, "stages", stage, "tasks")
+        tasks = dig(report, "stages", stage, "tasks")
         if isinstance(tasks, Mapping):
             names.update(tasks)
     if isinstance(report.get("tasks"), Mapping):
@@ -131,7 +125,7 @@ def _fmt(value: Any, spec: str = ".3f", suffix: str = "") -> str:
 
 
 def _compression(report: Mapping[str, Any], role: str) -> float | None:
-    return _num(_get(report, "models", role, "compression_ratio"))
+    return _num(dig(report, "models", role, "compression_ratio"))
 
 
 # --- page sections ------------------------------------------------------------------------------------------------
@@ -177,8 +171,8 @@ def _stage_table(report: Mapping[str, Any], stages: Sequence[str]) -> str:
         "</tr></thead><tbody>"
     ]
     for role in [BASELINE, *stages]:
-        stage = _get(report, "stages", role) or {}
-        model = _get(report, "models", role) or {}
+        stage = dig(report, "stages", role) or {}
+        model = dig(report, "models", role) or {}
         size = _num(model.get("size_bytes"))
         failed = [r for r in stage.get("rules") or [] if not r.get("passed") and not r.get("skipped")]
         verdict = str(stage.get("verdict", "reference" if role == BASELINE else "-"))
@@ -190,9 +184,9 @@ def _stage_table(report: Mapping[str, Any], stages: Sequence[str]) -> str:
             f"<td>{_fmt(stage.get('mean_retention'))}</td>"
             f"<td>{_fmt(None if size is None else size / 1e6, '.1f')}</td>"
             f"<td>{_fmt(model.get('compression_ratio'), '.2f', 'x')}</td>"
-            f"<td>{_fmt(_get(model, 'speed', 'latency_ms', 'p95'), '.1f')}</td>"
-            f"<td>{_fmt(_get(model, 'speed', 'vs_reference', 'latency_ratio', 'point'), '.2f', 'x')}</td>"
-            f"<td>{_fmt(_get(model, 'speed', 'decode_tokens_per_s'), '.1f')}</td>"
+            f"<td>{_fmt(dig(model, 'speed', 'latency_ms', 'p95'), '.1f')}</td>"
+            f"<td>{_fmt(dig(model, 'speed', 'vs_reference', 'latency_ratio', 'point'), '.2f', 'x')}</td>"
+            f"<td>{_fmt(dig(model, 'speed', 'decode_tokens_per_s'), '.1f')}</td>"
             f"<td>{_fmt(model.get('peak_memory_mb'), '.0f')}</td>"
             f"<td>{'<br>'.join(_e(r.get('rule')) + ': ' + _e(r.get('detail')) for r in failed) or '-'}</td>"
             "</tr>"
@@ -249,7 +243,7 @@ def _quality_vs_compression(
             ax.annotate(BASELINE, (base_x, 1.0), fontsize=7, xytext=(3, 3), textcoords="offset points")
             thresholds = []
             for stage in stages:
-                entry = _get(report, "stages", stage, "tasks", task) or {}
+                entry = dig(report, "stages", stage, "tasks", task) or {}
                 retention = _num(entry.get("retention"))
                 threshold = _num(entry.get("threshold"))
                 if threshold is not None:
@@ -306,7 +300,7 @@ def _retention_intervals(
     with _figure(plt, max(6.0, 1.2 * len(tasks) * max(1, len(stages)) ** 0.5 + 3), 3.4) as (fig, ax):
         for offset, stage in enumerate(stages):
             for position, task in enumerate(tasks):
-                entry = _get(report, "stages", stage, "tasks", task) or {}
+                entry = dig(report, "stages", stage, "tasks", task) or {}
                 x = position - 0.4 + width * (offset + 0.5)
                 retention = _num(entry.get("retention"))
                 threshold = _num(entry.get("threshold"))
@@ -348,7 +342,7 @@ def _wins_losses_ties(plt: Any, report: Mapping[str, Any], stages: Sequence[str]
     labels, counts = [], []
     for stage in stages:
         for task in tasks:
-            entry = _get(report, "stages", stage, "tasks", task)
+            entry = dig(report, "stages", stage, "tasks", task)
             if isinstance(entry, Mapping):
                 labels.append(f"{stage} / {task}")
                 counts.append([int(_num(entry.get(k)) or 0) for k in ("wins", "losses", "ties")])
@@ -371,13 +365,13 @@ def _wins_losses_ties(plt: Any, report: Mapping[str, Any], stages: Sequence[str]
 def _radar(plt: Any, report: Mapping[str, Any], stages: Sequence[str], colours: Mapping[str, str]) -> tuple[str, str]:
     if not stages:
         return "", ""
-    baseline_memory = _num(_get(report, "models", BASELINE, "peak_memory_mb"))
+    baseline_memory = _num(dig(report, "models", BASELINE, "peak_memory_mb"))
     figures: dict[str, dict[str, float | None]] = {}
     for stage in stages:
-        memory = _num(_get(report, "models", stage, "peak_memory_mb"))
-        latency = _num(_get(report, "models", stage, "speed", "vs_reference", "latency_ratio", "point"))
+        memory = _num(dig(report, "models", stage, "peak_memory_mb"))
+        latency = _num(dig(report, "models", stage, "speed", "vs_reference", "latency_ratio", "point"))
         figures[stage] = {
-            "quality\n(mean retention)": _num(_get(report, "stages", stage, "mean_retention")),
+            "quality\n(mean retention)": _num(dig(report, "stages", stage, "mean_retention")),
             "size\n(compression)": _compression(report, stage),
             "speed\n(1 / latency ratio)": 1.0 / latency if latency else None,
             "memory\n(baseline / peak)": baseline_memory / memory if memory and baseline_memory else None,
@@ -436,7 +430,7 @@ def _answer(item: Mapping[str, Any], side: Any) -> tuple[str, float | None]:
     if not isinstance(side, Mapping):
         return "", None
     metric = item.get("metric")
-    score = _num(_get(side, "scores", metric)) if metric else None
+    score = _num(dig(side, "scores", metric)) if metric else None
     choices = item.get("choices") or []
     key = "prediction_norm" if metric == "acc_norm" and "prediction_norm" in side else "prediction"
     prediction = side.get(key)
@@ -453,7 +447,7 @@ def _answer(item: Mapping[str, Any], side: Any) -> tuple[str, float | None]:
 
 def _side(item: Mapping[str, Any], role: str) -> Any:
     """One model's record of the item: the baseline's, or a stage's."""
-    return item.get("baseline") if role == BASELINE else _get(item, "stages", role)
+    return item.get("baseline") if role == BASELINE else dig(item, "stages", role)
 
 
 def _gold(item: Mapping[str, Any]) -> str:
@@ -461,7 +455,7 @@ def _gold(item: Mapping[str, Any]) -> str:
     gold = item.get("gold")
     if isinstance(gold, int) and 0 <= gold < len(choices):
         return str(choices[gold])
-    reference = _get(item, "baseline", "reference")
+    reference = dig(item, "baseline", "reference")
     return str(reference) if reference is not None else ("" if gold in (None, -1) else str(gold))
 
 
@@ -555,12 +549,12 @@ def _subjects(report: Mapping[str, Any], stages: Sequence[str]) -> str:
         "<th>regressed</th><th>improved</th></tr></thead><tbody>",
     ]
     for (task, subject), members in sorted(by_subject.items()):
-        groups = _get(report, "tasks", task, "groups", subject, "scores")
+        groups = dig(report, "tasks", task, "groups", subject, "scores")
         cells = []
         for role in roles:
-            mean = _num(_get(groups, role)) if isinstance(groups, Mapping) else None
+            mean = _num(dig(groups, role)) if isinstance(groups, Mapping) else None
             if mean is None:  # the report breaks down only what it has; the mean of the items' scores otherwise
-                values = [_num(_get(_side(i, role), "scores", str(i.get("metric")))) for i in members]
+                values = [_num(dig(_side(i, role), "scores", str(i.get("metric")))) for i in members]
                 known = [v for v in values if v is not None]
                 mean = sum(known) / len(known) if known else None
             cells.append(f"<td>{_fmt(mean)}</td>")

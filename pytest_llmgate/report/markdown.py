@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import dig
+
 DASH = "\u2013"  # an en dash: a figure that was not measured
 REGRESSED_SHOWN = 10
 ANSWER_CHARS = 60
@@ -46,15 +48,6 @@ def _row(cells: Sequence[Any]) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
-
-
-def _get(mapping: Any, *keys: str) -> Any:
-    """``mapping[k1][k2]...``, or None where a level is missing or null."""
-    for key in keys:
-        if not isinstance(mapping, Mapping):
-            return None
-        mapping = mapping.get(key)
-    return mapping
 
 
 def final_stage(report: Mapping[str, Any]) -> str | None:
@@ -112,11 +105,11 @@ def _comparison(report: Mapping[str, Any], stages: Mapping[str, Any]) -> list[st
         header.append(f"retention ({final})")
     rows = []
     for task, figures in tasks.items():
-        scores = [_num(_get(stages[s], "tasks", task, "candidate", "score")) for s in names]
-        row = [task, _text(figures.get("metric")), _text(figures.get("n")), _num(_get(figures, "baseline", "score"))]
+        scores = [_num(dig(stages[s], "tasks", task, "candidate", "score")) for s in names]
+        row = [task, _text(figures.get("metric")), _text(figures.get("n")), _num(dig(figures, "baseline", "score"))]
         row += scores
         if final is not None:
-            row.append(_retention_cell(_get(stages, final, "tasks", task) or {}))
+            row.append(_retention_cell(dig(stages, final, "tasks", task) or {}))
         rows.append(row)
     return _table(header, rows)
 
@@ -176,7 +169,7 @@ def _efficiency(report: Mapping[str, Any], stages: Sequence[str]) -> list[str]:
                 _num(size / 1e6 if isinstance(size, (int, float)) else None, ".1f"),
                 _num(info.get("compression_ratio"), ".2f", "x"),
                 _num(info.get("bits_per_weight"), ".2f"),
-                _num(_get(speed, "latency_ms", "p95"), ".0f"),
+                _num(dig(speed, "latency_ms", "p95"), ".0f"),
                 _latency_ratio(speed),
                 _num(speed.get("decode_tokens_per_s"), ".0f"),
                 _num(info.get("peak_memory_mb"), ".0f"),
@@ -196,7 +189,7 @@ def _regressed(report: Mapping[str, Any], stages: Sequence[str]) -> list[str]:
     for item in shown:
         choices = [str(c) for c in item.get("choices") or ()]
         metric = str(item.get("metric") or "")
-        sides = [item.get("baseline") or {}, *((_get(item, "stages", s) or {}) for s in stages)]
+        sides = [item.get("baseline") or {}, *((dig(item, "stages", s) or {}) for s in stages)]
         answers = [_answer(side, choices, metric) for side in sides]
         prompt = _tail(str(item.get("prompt") or ""), PROMPT_CHARS)
         rows.append([f"{item.get('task')} {item.get('id')}", prompt or DASH, _gold(item, choices), *answers])
@@ -231,7 +224,7 @@ def _gold(item: Mapping[str, Any], choices: Sequence[str]) -> str:
     gold = _choice(choices, item.get("gold"))
     if gold is not None:
         return gold
-    reference = _get(item, "baseline", "reference")
+    reference = dig(item, "baseline", "reference")
     return DASH if reference is None else str(reference)[:ANSWER_CHARS]
 
 

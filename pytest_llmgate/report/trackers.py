@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, GateConfig, MlflowSettings, WandbSettings
+from . import dig
 from .csv_report import csv_rows
 from .markdown import final_stage
 
@@ -80,7 +81,7 @@ def tracker_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     metrics: dict[str, Any] = {}
     models: Mapping[str, Any] = report.get("models") or {}
     for task, figures in (report.get("tasks") or {}).items():
-        metrics[_key("baseline", task)] = (figures.get("baseline") or {}).get("score")
+        metrics[_key("baseline", task)] = dig(figures, "baseline", "score")
     metrics[_key("baseline", "model_size_mb")] = _megabytes(models.get("baseline") or {})
     first_row: dict[str, Mapping[str, Any]] = {}
     for row in csv_rows(report):
@@ -110,11 +111,10 @@ def comparison_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[An
         columns += [f"retention ({final})", "retention_ci_low", "retention_ci_high", "passed"]
     rows = []
     for task, figures in (report.get("tasks") or {}).items():
-        row = [task, figures.get("metric"), figures.get("n"), _number((figures.get("baseline") or {}).get("score"))]
-        row += [_number(((stages[s].get("tasks") or {}).get(task) or {}).get("candidate", {}).get("score"))
-                for s in stages]  # fmt: skip
+        row = [task, figures.get("metric"), figures.get("n"), _number(dig(figures, "baseline", "score"))]
+        row += [_number(dig(stages[s], "tasks", task, "candidate", "score")) for s in stages]
         if final is not None:
-            entry = (stages[final].get("tasks") or {}).get(task) or {}
+            entry = dig(stages[final], "tasks", task) or {}
             ci = entry.get("retention_ci") or [None, None]
             row += [_number(entry.get("retention")), _number(ci[0]), _number(ci[1]), entry.get("passed")]
         rows.append(row)
