@@ -40,3 +40,31 @@ def test_demo_config_baseline_then_int8_on_smollm2(tmp_path):
     assert abs(first["baseline"]["loglikelihoods"][0] - -29.65350341796875) < 1e-4
     assert first["candidate"]["loglikelihoods"] != first["baseline"]["loglikelihoods"]
     assert "stage int8:" in stage.stdout and "llmgate: stage 'int8'" in stage.stdout
+
+
+def test_without_the_result_cache_the_dequantized_copy_is_kept_in_the_work_folder(pytester, shared_datasets):
+    """``cache = false`` keeps no results, but the default GGUF model's dequantized copy (a file derived from the
+    model, like a ladder's GGUF files) is written to .llmgate/dequantized/ and read by the next run."""
+    pytester.makepyprojecttoml(
+        f"[tool.llmgate]\ntasks = ['arc_challenge']\nlimit = 1\ndata_dir = {str(shared_datasets)!r}\ncache = false\n"
+        "baseline = 'ref'\n[tool.llmgate.models.ref]\npath = 'builtin:smollm2-135m-instruct'\n"
+    )
+    pytester.makepyfile(
+        "import pytest\n\n\n@pytest.mark.llmgate('arc_challenge')\ndef test_arc(llmgate_outcome):\n    pass\n"
+    )
+    args = ["--stage=baseline", "-p", "no:cacheprovider", "-o", "log_cli=true", "--log-cli-level=INFO"]
+    first = pytester.runpytest_subprocess(*args, "--llmgate-report=first.json")
+    assert first.ret == 0, first.stdout.str()
+    root = pytester.path / ".llmgate" / "dequantized"
+    complete = sorted(p.parent.name.rsplit("-", 1)[-1] for p in root.glob("*/complete.json"))
+    assert complete == ["float32", "tokenizer"], sorted(root.iterdir())
+    assert "reading the dequantized GGUF" not in first.stdout.str()
+    assert not (pytester.path / ".llmgate" / "cache.sqlite").exists()
+
+    second = pytester.runpytest_subprocess(*args, "--llmgate-report=second.json")
+    assert second.ret == 0, second.stdout.str()
+    text = second.stdout.str()
+    assert "reading the dequantized GGUF model-float32 from" in text and "reading the dequantized GGUF tokenizer" in text
+    reports = [json.loads((pytester.path / name).read_text()) for name in ("first.json", "second.json")]
+    scores = [r["items"][0]["baseline"]["loglikelihoods"] for r in reports]
+    assert scores[0] == scores[1]

@@ -52,7 +52,10 @@ def dequantized_key(folder: Path, gguf_file: str, digest: Callable[[Path], str])
 def cached_folder(root: Path, key: str, part: str) -> Path | None:
     """The complete saved ``part`` (``model-<dtype>`` or ``tokenizer``) for ``key`` under ``root``, or None."""
     folder = root / f"{key}-{part}"
-    return folder if (folder / COMPLETE).is_file() else None
+    if not (folder / COMPLETE).is_file():
+        return None
+    log.info("reading the dequantized GGUF %s from %s", part, folder)
+    return folder
 
 
 def save_folder(root: Path, key: str, part: str, save: Callable[[Path], None]) -> None:
