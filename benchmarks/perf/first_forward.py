@@ -1,7 +1,8 @@
 """Start-up of a gate run: seconds from process start to the first forward pass of the model.
 
-A generated project evaluates one ARC-Challenge item on the default model (``builtin:smollm2-135m-instruct``, the shipped
-GGUF file, read through its dequantized copy) with ``pytest --stage=baseline``, in a fresh process per run.
+A generated project evaluates one ARC-Challenge item on the default model
+(``builtin:smollm2-135m-instruct``, the shipped GGUF file, read through its dequantized copy) with
+``pytest --stage=baseline``, in a fresh process per run.
 The clock starts just before the process is spawned; a small pytest plugin (``-p first_forward_probe``, this
 file's sibling written into the project) records the moment the first scoring pass starts, and the run's total
 wall time is kept too. The first run builds the dequantized copy and is reported apart (``cold``); the
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PROBE = '''
+PROBE = """
 import json, os, time
 
 import pytest
@@ -61,7 +62,7 @@ def pytest_unconfigure(config):
     _mark("unconfigure")
     with open(os.environ["FIRST_FORWARD_OUT"], "w") as handle:
         json.dump(_marks, handle)
-'''
+"""
 
 PHASES = (
     ("start to pytest_configure", None, "configure"),
@@ -88,22 +89,41 @@ def run(folder: Path, extra: list[str]) -> dict[str, float]:
     env = {**os.environ, "FIRST_FORWARD_OUT": str(out), "PYTHONPATH": str(folder)}
     start = time.time()
     subprocess.run(
-        [sys.executable, "-m", "pytest", "--stage=baseline", "-q", "-p", "no:cacheprovider", "-p",
-         "first_forward_probe", *extra],
-        cwd=folder, env=env, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--stage=baseline",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "first_forward_probe",
+            *extra,
+        ],
+        cwd=folder,
+        env=env,
+        check=True,
+        capture_output=True,
     )
     end = time.time()
     marks = json.loads(out.read_text())
-    return {"first_forward": marks["first_forward"] - start, "wall": end - start,
-            **{label: marks[b] - (marks[a] if a else start) for label, a, b in PHASES}}
+    return {
+        "first_forward": marks["first_forward"] - start,
+        "wall": end - start,
+        **{label: marks[b] - (marks[a] if a else start) for label, a, b in PHASES},
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=5, help="warm runs after the first (cold) one")
-    parser.add_argument("--with-all-plugins", action="store_true",
-                        help="keep the development environment's unrelated pytest plugins (hypothesis, anyio)")
+    parser.add_argument(
+        "--with-all-plugins",
+        action="store_true",
+        help="keep the development environment's unrelated pytest plugins (hypothesis, anyio)",
+    )
     args = parser.parse_args()
     extra = [] if args.with_all_plugins else ["-p", "no:hypothesispytest", "-p", "no:anyio"]
     with tempfile.TemporaryDirectory() as name:
