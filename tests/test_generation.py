@@ -140,8 +140,16 @@ def test_prefill_in_groups_of_rows_decodes_as_one_prefill(tiny, prompts, frequen
     # Two rows per prefill pass: groups padded and unpadded.
     rows, shapes = decode_recording_passes(decoder(tiny, frequent_eos, prefill_tokens=2 * width), prompts)
     assert rows == reference
-    assert shapes[:3] == [(2, width)] * 3  # three prefill passes of two rows, then one step for all six
-    assert shapes[3] == (len(prompts), 1)
+    # Prefill passes of consecutive rows within 2 * width tokens, each only as wide as its own widest prompt (no
+    # padding column is forwarded that no row of the pass needs), then one step for all six.
+    prefill = shapes[: shapes.index((len(prompts), 1))]
+    assert sum(n for n, _ in prefill) == len(prompts) and len(prefill) >= 3
+    begin = 0
+    for n, columns in prefill:
+        assert n * columns <= 2 * width
+        assert columns == max(len(p) for p in prompts[begin : begin + n])
+        begin += n
+    assert any(columns < width for _, columns in prefill)
 
 
 @pytest.mark.parametrize("prefill_rows", [None, 2])
@@ -157,8 +165,14 @@ def test_shared_prefix_runs_once_and_decodes_as_generate(tiny, prompts, frequent
     # The prefix alone first (one row), then only each row's own tokens.
     assert shapes[0] == (1, 20)
     first_step = next(i for i, shape in enumerate(shapes) if shape[1] == 1)
-    assert all(width == own for _, width in shapes[1:first_step])
-    assert sum(r for r, _ in shapes[1:first_step]) == len(prompts)
+    passes = shapes[1:first_step]
+    assert sum(r for r, _ in passes) == len(prompts)
+    if prefill_rows is None:
+        assert passes == [(len(prompts), own)]
+    begin = 0
+    for n, width in passes:  # each pass as wide as its own widest row
+        assert width == max(len(p) for p in prompts[begin : begin + n])
+        begin += n
 
 
 def test_stop_strings_end_a_row_and_the_text_is_cut_as_lm_eval_cuts_it(tiny, tokenizer, prompts):

@@ -55,6 +55,7 @@ import compare_generation  # noqa: E402  (the sibling fidelity scripts: lm-eval'
 import compare_lm_eval  # noqa: E402
 
 SUBJECTS = ("abstract_algebra", "high_school_biology", "marketing")
+GENERATION = ("gsm8k", "gsm8k_cot")  # workloads compared by their completions
 NEAR_TIE = 1e-4
 
 
@@ -111,7 +112,7 @@ def timed(command: list[str], cwd: Path, log: Path, env: dict[str, str] | None =
 
 def run_lm_eval(args: argparse.Namespace, workload: Workload, dtype: str, out: Path,
                 batch_size: str | None = None) -> Run:
-    include = args.fidelity_dir / ("gen_tasks" if workload.task == "gsm8k" else "tasks")
+    include = args.fidelity_dir / ("gen_tasks" if workload.task in GENERATION else "tasks")
     command = [
         str(args.lm_eval), "--model", "hf",
         "--model_args", f"pretrained={args.fidelity_dir / 'smollm2-hf'},dtype={dtype}",
@@ -185,7 +186,7 @@ def our_records(report: Path) -> dict[tuple[str, int], dict[str, Any]]:
 def agreement(workload: Workload, subjects: Sequence[str], lm_eval_out: Path, report: Path) -> dict[str, Any]:
     ours = our_records(report)
     theirs = lm_eval_records(workload, subjects, lm_eval_out)
-    if workload.task == "gsm8k":
+    if workload.task in GENERATION:
         keys = sorted(theirs)
         same_raw = sum(theirs[d].completion == ours[("", d)]["completion"] for d in keys)
         same = sum(theirs[d].extracted == {"strict-match": ours[("", d)]["extracted_strict"],
@@ -211,8 +212,8 @@ def agreement(workload: Workload, subjects: Sequence[str], lm_eval_out: Path, re
 
 def lm_eval_records(workload: Workload, subjects: Sequence[str], out: Path) -> dict[Any, Any]:
     """lm-eval's per-item records of one run: GSM8K by doc id, log-likelihood tasks by (subject, doc id)."""
-    if workload.task == "gsm8k":
-        return dict(compare_generation.read_lm_eval(compare_generation.samples_file(out, "gsm8k")))
+    if workload.task in GENERATION:
+        return dict(compare_generation.read_lm_eval(compare_generation.samples_file(out, workload.task)))
     records: dict[Any, Any] = {}
     for name in workload.lm_eval_tasks(subjects):
         group = name.removeprefix("mmlu_").removesuffix("_local") if workload.task == "mmlu" else ""
@@ -224,7 +225,7 @@ def self_agreement(workload: Workload, subjects: Sequence[str], first: Path, sec
     """How often lm-eval agrees with itself across two batch sizes: the dtype's own noise floor."""
     a, b = lm_eval_records(workload, subjects, first), lm_eval_records(workload, subjects, second)
     keys = sorted(a)
-    if workload.task == "gsm8k":
+    if workload.task in GENERATION:
         same = sum(a[k].completion == b[k].completion for k in keys)
         return f"{same}/{len(keys)} raw completions"
     same = sum(a[k].prediction == b[k].prediction and a[k].prediction_norm == b[k].prediction_norm for k in keys)
@@ -366,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             check = agreement(workload, args.mmlu_subjects, lm_eval_out, folder / "report.json")
             n = check["items"]
-            floor = None if args.no_floor or workload.task == "gsm8k" else meter.measure(workload, dtype, folder)
+            floor = None if args.no_floor or workload.task in GENERATION else meter.measure(workload, dtype, folder)
             record = {"workload": text, "dtype": dtype, "lm_eval": theirs.__dict__, "ours": ours.__dict__, **check,
                       "floor": None if floor is None else floor.__dict__}
             (folder / "result.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -230,36 +230,61 @@ class Decoder:
     def _prefill(
         self, ids: Any, mask: Any, positions: Any, prefix: list[tuple[Any, Any]] | None = None
     ) -> tuple[Any, Any]:
-        """Last-position logits and the cache of every row, computed in groups of rows that keep each pass
-        within ``prefill_tokens``; the groups' caches are joined into one for decoding. ``prefix``: the cache of
-        a prefix every row starts with (``mask`` then covers it too)."""
+        """Last-position logits and the cache of every row, computed in passes of consecutive rows that keep
+        each pass within ``prefill_tokens``; the passes' caches are joined into one for decoding. ``prefix``: the
+        cache of a prefix every row starts with (``mask`` then covers it too).
+
+        Rows are left-padded to the batch's widest prompt, but a pass computes only as many columns as its own
+        widest row needs (rows come longest first, so a pass of one long prompt has no padding at all and runs
+        under plain causal attention, with no mask): padding is never forwarded beyond what batching the rows
+        of one pass needs. Positions are each row's own, so the values are those of the padded batch."""
         torch = self._torch
         rows, width = ids.shape
-        per_pass = rows if self.prefill_tokens is None else max(1, self.prefill_tokens // width)
-        if per_pass >= rows:
+        shared = mask.shape[1] - width
+        lengths = [int(n) for n in mask[:, shared:].sum(-1).tolist()]
+        passes: list[tuple[int, int, int]] = []  # (first row, end row, columns)
+        begin = 0
+        while begin < rows:
+            end, columns = begin + 1, lengths[begin]
+            while end < rows and (
+                self.prefill_tokens is None or (end + 1 - begin) * max(columns, lengths[end]) <= self.prefill_tokens
+            ):
+                columns = max(columns, lengths[end])
+                end += 1
+            passes.append((begin, end, columns))
+            begin = end
+        if len(passes) == 1 and passes[0][2] == width:
             return self._forward(ids, None if bool(mask.all()) else mask, positions, self._expanded(prefix, rows))
         logits = []
         joined: list[tuple[Any, Any]] = []
-        for begin in range(0, rows, per_pass):
-            part = slice(begin, begin + per_pass)
-            part_mask = mask[part]
+        for begin, end, columns in passes:
+            part = slice(begin, end)
+            own = slice(width - columns, width)
+            part_mask = torch.cat([mask[part, :shared], mask[part, shared:][:, own]], dim=1)
             part_logits, part_cache = self._forward(
-                ids[part],
+                ids[part, own],
                 None if bool(part_mask.all()) else part_mask,
-                positions[part],
-                self._expanded(prefix, part_mask.shape[0]),
+                positions[part, own],
+                self._expanded(prefix, end - begin),
             )
             logits.append(part_logits)
             for layer, state in enumerate(part_cache.layers):
                 if begin == 0:
+                    # Zeros, not empty memory: the padding columns no pass wrote are masked, and masked
+                    # garbage could still be NaN, which a mask does not remove.
                     joined.append(
                         (
-                            state.keys.new_empty((rows, *state.keys.shape[1:])),
-                            state.values.new_empty((rows, *state.values.shape[1:])),
+                            state.keys.new_zeros((rows, state.keys.shape[1], shared + width, state.keys.shape[3])),
+                            state.values.new_zeros(
+                                (rows, state.values.shape[1], shared + width, state.values.shape[3])
+                            ),
                         )
                     )
-                joined[layer][0][part] = state.keys
-                joined[layer][1][part] = state.values
+                keys, values = joined[layer]
+                keys[part, :, :shared] = state.keys[:, :, :shared]
+                values[part, :, :shared] = state.values[:, :, :shared]
+                keys[part, :, shared + width - columns :] = state.keys[:, :, shared:]
+                values[part, :, shared + width - columns :] = state.values[:, :, shared:]
             del part_cache
         # The cache copies each layer it takes: hand the layers over one by one, so that at most one is held twice.
         handed_over = (joined.pop(0) for _ in range(len(joined)))
