@@ -85,7 +85,9 @@ def decoder(model: Any, eos: int, decode: Any = lambda tokens: "", prefill_token
                    prefill_tokens=prefill_tokens)
 
 
-def decode_recording_passes(run: Decoder, prompts: list[list[int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+def decode_recording_passes(
+    run: Decoder, prompts: list[list[int]], fits: Any = None
+) -> tuple[list[list[int]], list[tuple[int, int]]]:
     """The decoder's new tokens for ``prompts``, and the (rows, tokens) shape of each forward pass it made."""
     model = run.model
     forward = model.forward
@@ -98,7 +100,7 @@ def decode_recording_passes(run: Decoder, prompts: list[list[int]]) -> tuple[lis
     model.forward = spy
     try:
         with torch.inference_mode():
-            rows = run.run([DecodeRow(tuple(p), N_NEW, ()) for p in prompts])
+            rows = run.run([DecodeRow(tuple(p), N_NEW, ()) for p in prompts], fits=fits)
     finally:
         del model.forward
     return rows, shapes
@@ -150,6 +152,87 @@ def test_prefill_in_groups_of_rows_decodes_as_one_prefill(tiny, prompts, frequen
         assert columns == max(len(p) for p in prompts[begin : begin + n])
         begin += n
     assert any(columns < width for _, columns in prefill)
+
+
+@pytest.mark.parametrize("room", [1, 2, 3])
+def test_rows_join_the_running_batch_as_others_finish(tiny, prompts, frequent_eos, room, monkeypatch):
+    """Continuous batching: at most ``room`` rows decode together; a row joins as soon as one finishes, is
+    prefilled alone and merged into the batch's cache (padding widened either side), and every row's tokens are
+    still transformers' generate's."""
+    from pytest_llmgate.models import generation
+
+    reference = hf_generate(tiny, prompts, frequent_eos)
+    events: list[tuple[str, int]] = []
+    start, step = generation.Decoder._start, generation._Batch.step
+
+    def spy_start(self: Any, rows: Any, indices: list[int], *args: Any) -> Any:
+        events.append(("join", len(indices)))
+        return start(self, rows, indices, *args)
+
+    def spy_step(self: Any, decoder: Any, tokens: Any) -> Any:
+        events.append(("step", int(tokens.shape[0])))
+        return step(self, decoder, tokens)
+
+    monkeypatch.setattr(generation.Decoder, "_start", spy_start)
+    monkeypatch.setattr(generation._Batch, "step", spy_step)
+    with torch.inference_mode():
+        rows = decoder(tiny, frequent_eos).run(
+            [DecodeRow(tuple(p), N_NEW, ()) for p in prompts], fits=lambda count, widest: count <= room
+        )
+    assert rows == reference
+    # The same schedule, simulated: each row needs one pick per new token (plus the EOS pick when it ends early).
+    picks = [min(len(r) + 1, N_NEW) for r in rows]
+    expected: list[tuple[str, int]] = []
+    left, active, pending = {}, [], list(range(len(prompts)))
+    while True:
+        joining = pending[: max(0, room - len(active))]
+        if joining:
+            expected.append(("join", len(joining)))
+            pending = pending[len(joining) :]
+            active += joining
+            left.update({i: picks[i] for i in joining})
+        for i in active:
+            left[i] -= 1
+        active = [i for i in active if left[i] > 0]
+        if not active and not pending:
+            break
+        if active:
+            expected.append(("step", len(active)))
+    assert events == expected
+    assert max(n for _, n in events) <= room
+    # Rows joined while others were decoding (the speed this buys is measured in benchmarks/perf, not here).
+    if room < len(prompts):
+        first_step = next(i for i, (kind, _) in enumerate(events) if kind == "step")
+        assert any(kind == "join" for kind, _ in events[first_step:])
+
+
+def test_a_sliding_window_model_decodes_in_fixed_batches(tokenizer, prompts, monkeypatch):
+    """A sliding-window cache drops old positions, so rows do not join a running batch there: each batch of
+    ``room`` rows runs to its end as transformers' generate runs the same rows."""
+    from pytest_llmgate.models import generation
+
+    config = transformers.MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        initializer_range=0.2, sliding_window=8, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).eval()
+    free = hf_generate(model, prompts, eos=-1)
+    eos = Counter(t for row in free for t in row[3:]).most_common(1)[0][0]
+    events: list[str] = []
+    start = generation.Decoder._start
+
+    def spy_start(self: Any, rows: Any, indices: list[int], *args: Any) -> Any:
+        events.append(f"join {len(indices)}")
+        return start(self, rows, indices, *args)
+
+    monkeypatch.setattr(generation.Decoder, "_start", spy_start)
+    with torch.inference_mode():
+        rows = decoder(model, eos).run(
+            [DecodeRow(tuple(p), N_NEW, ()) for p in prompts], fits=lambda count, widest: count <= 2
+        )
+    assert events == ["join 2"] * 3
+    assert rows == [r for i in range(0, len(prompts), 2) for r in hf_generate(model, prompts[i : i + 2], eos)]
 
 
 @pytest.mark.parametrize("prefill_rows", [None, 2])

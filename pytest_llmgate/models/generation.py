@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .batching import BatchSizer
+from .batching import BatchSizer, is_out_of_memory
 from .kv_scoring import MIN_SHARED_PREFIX, common_prefix, layered_cache
 
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever lm-eval samples
@@ -171,6 +171,136 @@ def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _reserved_layer() -> type:
+    """transformers' ``DynamicLayer`` with room reserved for the tokens still to come.
+
+    ``DynamicLayer.update`` concatenates: every decoding step copies the whole cache, which costs as much memory
+    traffic as the step's attention reads. Here the keys and values are views of buffers with room for the rest of
+    the generation, and a step writes its token in place (falling back to concatenation when the room is used up).
+    Only plain layers are converted (``Decoder`` leaves sliding-window and other layer types as they are)."""
+    global _RESERVED_LAYER
+    if _RESERVED_LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class ReservedLayer(DynamicLayer):
+            room: tuple[Any, Any] | None = None
+
+            def place(self, keys: Any, values: Any, length: int) -> None:
+                """Take ``(keys, values)`` buffers whose first ``length`` positions hold the cache."""
+                self.room = (keys, values)
+                self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+                length, new = _positions(self.keys), key_states.shape[-2]
+                if self.room is None or length + new > self.room[0].shape[-2]:
+                    self.room = None
+                    return super().update(key_states, value_states, *args, **kwargs)
+                keys, values = self.room
+                keys[:, :, length : length + new] = key_states
+                values[:, :, length : length + new] = value_states
+                self.keys, self.values = keys[:, :, : length + new], values[:, :, : length + new]
+                return self.keys, self.values
+
+            def batch_select_indices(self, indices: Any) -> None:
+                if self.room is None:
+                    super().batch_select_indices(indices)
+                else:
+                    self.place(self.room[0][indices], self.room[1][indices], _positions(self.keys))
+
+        _RESERVED_LAYER = ReservedLayer
+    return _RESERVED_LAYER
+
+
+_RESERVED_LAYER: type | None = None
+
+
+def _positions(keys: Any) -> int:
+    """How many positions a layer's keys hold."""
+    return int(keys.shape[-2])
+
+
+class _Batch:
+    """The decoding state of the running batch: its key/value cache, attention mask (columns: the shared prefix,
+    then each row's left padding, prompt and generated tokens) and each row's last position.
+
+    ``room``: how many more tokens each plain cache layer keeps space for (the call's largest ``max_new_tokens``),
+    so that decoding steps write in place (``_reserved_layer``)."""
+
+    def __init__(self, cache: Any, mask: Any, last: Any, room: int) -> None:
+        from transformers.cache_utils import DynamicLayer
+
+        self.cache = cache
+        self.mask = mask
+        self.last = last
+        self.room = room
+        # Rows join and steps write in place only on plain layers: a sliding-window layer drops old positions,
+        # and other kinds keep state of their own, so their batches run as transformers' cache runs them.
+        self.joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
+        if self.joinable:
+            self._widen(None, 0)
+
+    def select(self, keep: list[int], device: str) -> None:
+        """Keep only the batch rows ``keep``."""
+        import torch
+
+        index = torch.tensor(keep, device=device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.last = self.last[index]
+
+    def step(self, decoder: Decoder, tokens: Any) -> Any:
+        """Forward one new token per row; the logits of the next."""
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        self.last = self.last + 1
+        padded = not bool(self.mask.all())
+        logits, self.cache = decoder._forward(tokens, self.mask if padded else None, self.last, self.cache)
+        return logits
+
+    def merged(self, other: _Batch, shared: int) -> _Batch:
+        """This batch with ``other``'s rows after its own: the narrower side's padding widened (after the shared
+        prefix columns) so that both have the same number of columns."""
+        import torch
+
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.room = max(self.room, other.room)
+        self._widen(other, shared)
+        masks = []
+        for mask in (self.mask, other.mask):
+            missing = width - mask.shape[1]
+            masks.append(torch.cat([mask[:, :shared], mask.new_zeros((mask.shape[0], missing)), mask[:, shared:]], 1))
+        self.mask = torch.cat(masks)
+        self.last = torch.cat([self.last, other.last])
+        return self
+
+    def _widen(self, other: _Batch | None, shared: int) -> None:
+        """Each layer's keys and values copied once into buffers with ``room`` more positions: this batch's rows,
+        then ``other``'s (if any), each row's own columns right-aligned after the ``shared`` prefix columns and
+        zeros in the padding between (zeros, not empty memory: masked garbage could be NaN, which a mask does not
+        remove). Layer by layer, so that at most one layer is held twice."""
+        reserved = _reserved_layer()
+        theirs = other.cache.layers if other is not None else [None] * len(self.cache.layers)
+        for mine, their in zip(self.cache.layers, theirs, strict=True):
+            parts = [mine] if their is None else [mine, their]
+            width = max(_positions(p.keys) for p in parts)
+            rows = sum(p.keys.shape[0] for p in parts)
+            keys, values = (
+                t.new_zeros((rows, t.shape[1], width + self.room, t.shape[3])) for t in (mine.keys, mine.values)
+            )
+            begin = 0
+            for part in parts:
+                n, own = part.keys.shape[0], _positions(part.keys) - shared
+                for source, target in ((part.keys, keys), (part.values, values)):
+                    target[begin : begin + n, :, :shared] = source[:, :, :shared]
+                    target[begin : begin + n, :, width - own : width] = source[:, :, shared:]
+                begin += n
+            if their is not None:
+                their.keys = their.values = None
+            mine.__class__ = reserved
+            mine.place(keys, values, width)
+
+
 class Decoder:
     """Batched greedy or sampled decoding of token rows on one causal LM with a key/value cache."""
 
@@ -290,12 +420,25 @@ class Decoder:
         handed_over = (joined.pop(0) for _ in range(len(joined)))
         return torch.cat(logits), layered_cache(self.model.config, handed_over)
 
-    def run(self, rows: Sequence[DecodeRow], on_step: Callable[[list[int]], None] | None = None) -> list[list[int]]:
-        """The new tokens of each row (EOS excluded); rows are decoded together as one batch.
+    def run(
+        self,
+        rows: Sequence[DecodeRow],
+        on_step: Callable[[list[int]], None] | None = None,
+        fits: Callable[[int, int], bool] | None = None,
+    ) -> list[list[int]]:
+        """The new tokens of each row (EOS excluded), decoded in one running batch.
+
+        ``fits(rows, widest)``: whether that many rows, the widest needing ``widest`` tokens (prompt and new
+        tokens), may decode together; None: all rows at once. With it, rows join the batch in order as soon as
+        finished rows make room (continuous batching): a short answer does not leave its place idle until the
+        longest row of its batch ends, so a shard needs about as many decoding steps as its rows' new tokens
+        divided by the batch, not the sum of each batch's longest row. A joining row is prefilled on its own
+        and its cache is merged into the batch's (left padding widened as needed); it reads exactly the
+        positions and tokens it would read alone.
 
         ``on_step(finished)``, when given, is called once per decoding step as soon as the step's tokens are
-        picked (the first call follows the prefill: the first token), with the indices in ``rows`` of the rows
-        that step finished; the serving probe reads its clock there.
+        picked (the first call follows the first prefill: the first token), with the indices in ``rows`` of the
+        rows that step finished; the serving probe reads its clock there.
         """
         torch = self._torch
         if not rows:
@@ -309,24 +452,21 @@ class Decoder:
         shared = min(shared, min(len(row.prompt) for row in rows) - 1)
         if shared < MIN_SHARED_PREFIX:
             shared = 0
-        width = max(len(row.prompt) for row in rows) - shared
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
-        for r, row in enumerate(rows):
-            own = row.prompt[shared:]
-            ids[r, width - len(own) :] = torch.tensor(own, dtype=torch.long)
-            mask[r, shared + width - len(own) :] = 1
-        positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))[:, shared:]
-        padded = not bool(mask.all())
         prefix = self._prefix(rows[0].prompt[:shared]) if shared else None
-        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         generators = [torch.Generator().manual_seed(row.seed) if row.temperature > 0 else None for row in rows]
         generated: list[list[int]] = [[] for _ in rows]
-        active = list(range(len(rows)))  # original row index of each batch row
-        logits, cache = self._prefill(ids, mask, positions, prefix)
-        del prefix
+        pending = list(range(len(rows)))
+        active: list[int] = []  # original row index of each batch row
+        batch: _Batch | None = None
+        logits: Any = None  # of the active rows: each row's next token is picked from its row
         while True:
+            joining = self._joining(rows, active, pending, fits) if batch is None or batch.joinable else []
+            if joining:
+                pending = pending[len(joining) :]
+                new_logits, joined = self._start(rows, joining, shared, prefix)
+                batch = joined if batch is None else batch.merged(joined, shared)
+                logits = new_logits if logits is None else torch.cat([logits, new_logits])
+                active += joining
             picked = self._pick(logits, [rows[i] for i in active], [generators[i] for i in active])
             keep = []
             for b, i in enumerate(active):
@@ -341,17 +481,55 @@ class Decoder:
                 kept = set(keep)
                 on_step([i for b, i in enumerate(active) if b not in kept])
             if not keep:
-                return generated
+                if not pending:
+                    return generated
+                active, batch, logits = [], None, None  # the batch is done; the next rows start a new one
+                continue
+            assert batch is not None
             if len(keep) < len(active):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask = mask[index]
-                positions = positions[index]
+                batch.select(keep, self.device)
                 active = [active[b] for b in keep]
             step = torch.tensor([[generated[i][-1]] for i in active], dtype=torch.long, device=self.device)
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            positions = positions[:, -1:] + 1
-            logits, cache = self._forward(step, mask if padded else None, positions, cache)
+            logits = batch.step(self, step)
+
+    @staticmethod
+    def _joining(
+        rows: Sequence[DecodeRow], active: list[int], pending: list[int], fits: Callable[[int, int], bool] | None
+    ) -> list[int]:
+        """The pending rows that join the batch now: all of them without ``fits``, else as many (in order) as fit
+        beside the active rows, at least one when the batch is empty."""
+        if not pending:
+            return []
+        if fits is None:
+            return list(pending)
+        width = max((len(rows[i].prompt) + rows[i].max_new_tokens for i in active), default=0)
+        joining: list[int] = []
+        for i in pending:
+            widest = max(width, len(rows[i].prompt) + rows[i].max_new_tokens)
+            if not fits(len(active) + len(joining) + 1, widest) and (active or joining):
+                break
+            joining.append(i)
+            width = widest
+        return joining
+
+    def _start(
+        self, rows: Sequence[DecodeRow], indices: list[int], shared: int, prefix: list[tuple[Any, Any]] | None
+    ) -> tuple[Any, _Batch]:
+        """Prefill ``rows[indices]`` (their own tokens after the ``shared`` prefix, left-padded to the widest):
+        the first logits of each and their decoding state."""
+        torch = self._torch
+        width = max(len(rows[i].prompt) for i in indices) - shared
+        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(indices), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for r, i in enumerate(indices):
+            own = rows[i].prompt[shared:]
+            ids[r, width - len(own) :] = torch.tensor(own, dtype=torch.long)
+            mask[r, shared + width - len(own) :] = 1
+        positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))[:, shared:]
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        logits, cache = self._prefill(ids, mask, positions, prefix)
+        return logits, _Batch(cache, mask, positions[:, -1:], max(rows[i].max_new_tokens for i in indices))
 
     def _stopped(self, tokens: list[int], stops: Sequence[str]) -> bool:
         if not any(stops):
@@ -463,12 +641,22 @@ def generate_completions(
         model, device=device, pad_id=pad_id, eos_ids=eos_ids, decode=decode, prefill_tokens=sizer.pass_tokens
     )
     texts: list[str] = [""] * len(rows)
+
+    def fits(count: int, widest: int) -> bool:
+        return sizer.take([widest] * count) >= count
+
     with torch.inference_mode():
-        outputs = sizer.run(
-            order,
-            lambda r: len(rows[r].prompt) + rows[r].max_new_tokens,
-            lambda batch: decoder.run([rows[r] for r in batch]),
-        )
+        while True:
+            try:
+                # One running batch: rows join as others finish, within the sizer's rows and tokens.
+                outputs = decoder.run([rows[r] for r in order], fits=fits)
+                break
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                # Start again with half the batch (a CPU rarely gets here: the sizer's token budget holds the
+                # batch's cache; on a GPU the first attempt usually fits).
+                sizer.shrink(sizer.rows, max(len(rows[r].prompt) + rows[r].max_new_tokens for r in order), error)
     for r, tokens in zip(order, outputs, strict=True):
         texts[r] = cut_at_stops(decode(tokens), rows[r].stops)
     completions: list[list[str]] = [[] for _ in requests]
