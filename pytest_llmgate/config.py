@@ -972,6 +972,9 @@ def _mlflow_settings(raw: Any) -> MlflowSettings | None:
     )
 
 
+DEFAULT_CACHE = ".llmgate/cache.sqlite"  # relative to the configuration's folder
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """Everything a run needs to know, validated once."""
@@ -1508,7 +1511,14 @@ def parse_config(
     if not is_int(seed):
         raise _fail("[tool.llmgate].seed", f"expected an integer, got {seed!r}")
     data_dir = raw.get("data_dir")
-    cache = raw.get("cache", ".llmgate/cache.sqlite")
+    cache = raw.get("cache", DEFAULT_CACHE)
+    if cache is True:  # ``cache = true``: the default file (a path named "True" is never what was meant)
+        cache = DEFAULT_CACHE
+    elif cache is not False and not isinstance(cache, str):
+        raise ConfigError(
+            f"{origin('cache')}: expected true, false or a file path, got {cache!r}; "
+            'e.g. cache = ".llmgate/cache.sqlite"'
+        )
     return GateConfig(
         source=source,
         models=models,

@@ -18,7 +18,15 @@ from typing import Any
 
 from .cache import CacheError, ResultCache, result_key
 from .config import ModelSpec
-from .models import GENERATION_VERSION, Backend, ModelPool, load_backend, model_fingerprint, pick_device
+from .models import (
+    GENERATION_VERSION,
+    Backend,
+    ModelPool,
+    file_sha256,
+    load_backend,
+    model_fingerprint,
+    pick_device,
+)
 from .models.memory import MemoryMeter
 from .tasks.base import GenerationRequest, Request, TaskItem
 
@@ -111,6 +119,15 @@ class Engine:
             self._fingerprints[role] = fingerprint or model_fingerprint(spec, run_id=self.run_id)
         return self._fingerprints[role]
 
+    def _file_digest(self, path: Path) -> str:
+        """sha256 of a file, memoised in the result cache when there is one (``ResultCache.file_digest``)."""
+        if self.cache is not None:
+            try:
+                return self.cache.file_digest(path)
+            except CacheError as error:
+                self._drop_cache(error)
+        return file_sha256(path)
+
     def backend(self, role: str) -> Backend:
         """The loaded model of ``role``; loaded at most once per process (per fingerprint)."""
         fingerprint = self.fingerprint(role)
@@ -137,6 +154,7 @@ class Engine:
                 pool=self.pool,
                 threads=self.cpu_threads,
                 dequantized_dir=self.dequantized_dir,
+                file_digest=self._file_digest,
             )
             self._memory[fingerprint] = {**meter.stop(), "device": device}
             self.loads[spec.name] += 1

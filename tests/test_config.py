@@ -118,6 +118,7 @@ def test_overrides_parse_toml_values():
     ({"models": {"m": {"backend": "openai", "base_url": "http://h/v1", "timeout": -1}}}, r"timeout: expected seconds"),
     ({"models": {"m": {"backend": "openai", "base_url": "http://h/v1", "extra_body": {"temperature": 1}}}},
      r"extra_body.temperature: is set by llmgate from the task"),
+    ({"cache": 3}, r"\[tool.llmgate\].cache: expected true, false or a file path, got 3"),
 ])
 def test_every_mistake_is_a_usage_error_naming_key_and_fix(raw, message):
     with pytest.raises(pytest.UsageError, match=message):
@@ -158,6 +159,14 @@ def test_config_file_discovery(tmp_path):
     (tmp_path / "llmgate.toml").write_text("limit = \n")
     with pytest.raises(pytest.UsageError, match="not valid TOML"):
         find_config_file(tmp_path, None)
+
+
+def test_cache_true_is_the_default_file_and_false_is_no_cache(tmp_path):
+    # ``cache = true`` once made a cache file named "True" beside the configuration.
+    assert parse({"cache": True}, tmp_path).cache_path == parse({}, tmp_path).cache_path
+    assert parse({}, tmp_path).cache_path == (tmp_path / ".llmgate" / "cache.sqlite").resolve()
+    assert parse({"cache": False}, tmp_path).cache_path is None
+    assert parse({"cache": "c/x.sqlite"}, tmp_path).cache_path == (tmp_path / "c" / "x.sqlite").resolve()
 
 
 def test_relative_paths_are_relative_to_the_config(tmp_path):

@@ -306,9 +306,11 @@ def load_backend(
     pool: ModelPool | None = None,
     threads: int | None = None,
     dequantized_dir: Path | None = None,
+    file_digest: DigestMemo | None = None,
 ) -> Backend:
     """Instantiate the backend for ``spec`` on ``device`` (``threads``: this process's share of the CPU cores;
-    ``dequantized_dir``: where GGUF files read by transformers are kept dequantized, ``dequantized.py``)."""
+    ``dequantized_dir``: where GGUF files read by transformers are kept dequantized, ``dequantized.py``;
+    ``file_digest``: a memo of file hashes, the result cache's ``file_digest``)."""
     if spec.backend == "openai":
         from .openai_backend import OpenAIBackend
 
@@ -323,7 +325,13 @@ def load_backend(
     from .transformers_backend import TransformersBackend
 
     return TransformersBackend(
-        spec, device=device, work_dir=work_dir, fingerprint=fingerprint, pool=pool, dequantized_dir=dequantized_dir
+        spec,
+        device=device,
+        work_dir=work_dir,
+        fingerprint=fingerprint,
+        pool=pool,
+        dequantized_dir=dequantized_dir,
+        file_digest=file_digest,
     )
 
 

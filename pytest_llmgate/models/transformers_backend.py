@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..tasks.base import GenerationRequest, LoglikelihoodRequest
-from . import ModelLoadError, ModelPool, file_sha256, resolve_local
+from . import DigestMemo, ModelLoadError, ModelPool, file_sha256, resolve_local
 from .batching import CPU_GENERATION_TOKENS, BatchSizer
 from .generation import Decoder, DecodeRow, encode_pair, encode_text, eos_token_ids, generate_completions, render_chat
 from .kv_scoring import KVScorer, span_scores
@@ -114,6 +114,7 @@ class TransformersBackend:
         fingerprint: str,
         pool: ModelPool | None = None,
         dequantized_dir: Path | None = None,
+        file_digest: DigestMemo | None = None,
     ) -> None:
         import torch
 
@@ -136,11 +137,12 @@ class TransformersBackend:
             made = quantized_gguf(gguf_path(spec), spec.transform["type"], work_dir)
             folder, gguf_file, self.notes = made.path.parent, made.path.name, list(made.notes)
         # A GGUF file is read once and kept dequantized in ``dequantized_dir`` (beside the result cache).
+        # ``file_digest``: the result cache's memo (a file is hashed once, not on every start), else hashed here.
         digests: dict[Path, str] = {}
 
         def digest(path: Path) -> str:
             if path not in digests:
-                digests[path] = file_sha256(path)
+                digests[path] = file_digest(path) if file_digest is not None else file_sha256(path)
             return digests[path]
 
         def saved(source: tuple[Path, str | None]) -> tuple[Path, str] | None:
