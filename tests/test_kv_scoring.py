@@ -144,6 +144,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Any:
     spec = ModelSpec(name="smollm2")
     backend = load_backend(spec, device="cpu", work_dir=tmp_path_factory.mktemp("work"),
                            fingerprint=model_fingerprint(spec))
+    assert backend.scoring == "auto"  # the default
     yield backend
     backend.close()
 
@@ -171,3 +172,43 @@ def test_smollm2_real_rows_same_as_plain_path(smollm2: Any, shared_datasets: Any
         a, b = configured.score(item, fast[offset:offset + n]), configured.score(item, plain[offset:offset + n])
         assert (a["prediction"], a.get("prediction_norm")) == (b["prediction"], b.get("prediction_norm"))
         offset += n
+
+
+@pytest.mark.parametrize(("task", "shots", "expected"), [("arc_challenge", 0, "packed"), ("winogrande", 0, "packed"),
+                                                         ("truthfulqa_mc2", 0, "packed"), ("arc_challenge", 25, "kv"),
+                                                         ("mmlu", 5, "kv")])
+def test_auto_scoring_picks_packed_for_short_contexts_and_kv_for_long_ones(
+    smollm2: Any, shared_datasets: Any, task: str, shots: int, expected: str
+) -> None:
+    """The default ``scoring = "auto"`` decides per call on the real rows' own context lengths (after the prefix the
+    call's contexts share: TruthfulQA's long fixed preamble does not count), and the chosen scorer's numbers are
+    the ones returned."""
+    from pytest_llmgate.models.transformers_backend import PACKED_MAX_CONTEXT, scoring_for
+
+    items, _ = TASKS[task].configured(TaskOptions(num_fewshot=shots)).load(shared_datasets, 4)
+    requests = [r for item in items for r in item.requests]
+    encoded = [smollm2.encode_pair(smollm2._context_text(r), r.continuation) for r in requests]
+    assert scoring_for(encoded) == expected
+    smollm2.scoring = "auto"  # the default (the tests above set it to one scorer)
+    smollm2._scorers.clear()
+    auto = smollm2.loglikelihood(requests)
+    assert list(smollm2._scorers) == [expected]
+    smollm2.scoring = expected
+    try:
+        assert smollm2.loglikelihood(requests) == auto
+    finally:
+        smollm2.scoring = "auto"
+    contexts = {tuple(c) for c, _ in encoded}
+    if expected == "kv":
+        assert min(len(c) for c in contexts) > PACKED_MAX_CONTEXT
+
+
+def test_scoring_for_counts_only_what_the_contexts_do_not_share() -> None:
+    from pytest_llmgate.models.transformers_backend import PACKED_MAX_CONTEXT, scoring_for
+
+    preamble = list(range(1000, 1000 + 3 * PACKED_MAX_CONTEXT))
+    short = [([*preamble, i, i + 1], [7]) for i in range(4)]
+    assert scoring_for(short) == "packed"
+    long = [([i] * (PACKED_MAX_CONTEXT + 1), [7]) for i in range(4)]
+    assert scoring_for(long) == "kv"
+    assert scoring_for(long[:1]) == "kv" and scoring_for(short[:1]) == "kv"  # one context shares nothing
