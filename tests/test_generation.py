@@ -206,6 +206,31 @@ def test_rows_join_the_running_batch_as_others_finish(tiny, prompts, frequent_eo
         assert any(kind == "join" for kind, _ in events[first_step:])
 
 
+def test_columns_no_row_reads_are_dropped_from_the_running_batch(tiny, frequent_eos, monkeypatch):
+    """A long prompt that finishes first leaves padding in front of the short rows that joined beside it; the
+    running batch drops those columns and the short rows still generate what they generate alone."""
+    from pytest_llmgate.models import generation
+
+    generator = torch.Generator().manual_seed(3)
+    long, *short = [torch.randint(3, 49152, (n,), generator=generator).tolist() for n in (70, 6, 9, 5)]
+    rows = [DecodeRow(tuple(long), 2, ()), *(DecodeRow(tuple(p), N_NEW, ()) for p in short)]
+    widths: list[tuple[int, int]] = []
+    trim = generation._Batch._trim
+
+    def spy(self: Any) -> None:
+        before = self.mask.shape[1]
+        trim(self)
+        widths.append((before, self.mask.shape[1]))
+
+    monkeypatch.setattr(generation._Batch, "_trim", spy)
+    with torch.inference_mode():
+        got = decoder(tiny, frequent_eos).run(rows, fits=lambda count, widest: count <= 2)
+    alone = [hf_generate(tiny, [list(row.prompt)], frequent_eos, max_new=row.max_new_tokens)[0] for row in rows]
+    assert got == alone
+    # Once the long row left, the batch lost the ~60 columns of padding in front of the short rows.
+    assert any(before - after >= 60 for before, after in widths), widths
+
+
 def test_a_sliding_window_model_decodes_in_fixed_batches(tokenizer, prompts, monkeypatch):
     """A sliding-window cache drops old positions, so rows do not join a running batch there: each batch of
     ``room`` rows runs to its end as transformers' generate runs the same rows."""

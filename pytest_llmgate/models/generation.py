@@ -212,6 +212,8 @@ def _reserved_layer() -> type:
 
 
 _RESERVED_LAYER: type | None = None
+# A running batch drops columns no row reads once there are this many (fewer are not worth the copy).
+MIN_TRIMMED_COLUMNS = 16
 
 
 def _positions(keys: Any) -> int:
@@ -226,13 +228,14 @@ class _Batch:
     ``room``: how many more tokens each plain cache layer keeps space for (the call's largest ``max_new_tokens``),
     so that decoding steps write in place (``_reserved_layer``)."""
 
-    def __init__(self, cache: Any, mask: Any, last: Any, room: int) -> None:
+    def __init__(self, cache: Any, mask: Any, last: Any, room: int, shared: int) -> None:
         from transformers.cache_utils import DynamicLayer
 
         self.cache = cache
         self.mask = mask
         self.last = last
         self.room = room
+        self.shared = shared
         # Rows join and steps write in place only on plain layers: a sliding-window layer drops old positions,
         # and other kinds keep state of their own, so their batches run as transformers' cache runs them.
         self.joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
@@ -247,6 +250,30 @@ class _Batch:
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
         self.last = self.last[index]
+        if self.joinable:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the columns after the shared prefix that no row of the batch reads any more (padding left by rows
+        that finished): rows keep joining a running batch, so without this every row would attend over columns
+        as wide as the batch's whole life. Positions are each row's own, so nothing a row reads changes."""
+        import torch
+
+        shared = self.shared
+        used = self.mask[:, shared:].any(dim=0)
+        lead = int(used.int().argmax()) if bool(used.any()) else 0
+        if lead < MIN_TRIMMED_COLUMNS:
+            return
+        self.mask = torch.cat([self.mask[:, :shared], self.mask[:, shared + lead :]], dim=1)
+        for layer in self.cache.layers:
+            # The reserved buffers (room and all), or the layer's own tensors once its room was used up.
+            keys, values = layer.room or (layer.keys, layer.values)
+            length = _positions(layer.keys)
+            layer.place(
+                torch.cat([keys[:, :, :shared], keys[:, :, shared + lead :]], dim=2),
+                torch.cat([values[:, :, :shared], values[:, :, shared + lead :]], dim=2),
+                length - lead,
+            )
 
     def step(self, decoder: Decoder, tokens: Any) -> Any:
         """Forward one new token per row; the logits of the next."""
@@ -460,7 +487,7 @@ class Decoder:
         batch: _Batch | None = None
         logits: Any = None  # of the active rows: each row's next token is picked from its row
         while True:
-            joining = self._joining(rows, active, pending, fits) if batch is None or batch.joinable else []
+            joining = self._joining(rows, batch, pending, fits) if batch is None or batch.joinable else []
             if joining:
                 pending = pending[len(joining) :]
                 new_logits, joined = self._start(rows, joining, shared, prefix)
@@ -494,19 +521,22 @@ class Decoder:
 
     @staticmethod
     def _joining(
-        rows: Sequence[DecodeRow], active: list[int], pending: list[int], fits: Callable[[int, int], bool] | None
+        rows: Sequence[DecodeRow], batch: _Batch | None, pending: list[int], fits: Callable[[int, int], bool] | None
     ) -> list[int]:
         """The pending rows that join the batch now: all of them without ``fits``, else as many (in order) as fit
-        beside the active rows, at least one when the batch is empty."""
+        beside the batch's rows, at least one when there is no batch. A row's width is its prompt and new tokens;
+        the batch's is what its cache holds room for (its columns, which grow with every step, and its room), so
+        the tokens ``fits`` allows bound the cache's memory."""
         if not pending:
             return []
         if fits is None:
             return list(pending)
-        width = max((len(rows[i].prompt) + rows[i].max_new_tokens for i in active), default=0)
+        count = 0 if batch is None else int(batch.mask.shape[0])
+        width = 0 if batch is None else int(batch.mask.shape[1]) + batch.room
         joining: list[int] = []
         for i in pending:
             widest = max(width, len(rows[i].prompt) + rows[i].max_new_tokens)
-            if not fits(len(active) + len(joining) + 1, widest) and (active or joining):
+            if not fits(count + len(joining) + 1, widest) and (count or joining):
                 break
             joining.append(i)
             width = widest
@@ -529,7 +559,7 @@ class Decoder:
         positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))[:, shared:]
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         logits, cache = self._prefill(ids, mask, positions, prefix)
-        return logits, _Batch(cache, mask, positions[:, -1:], max(rows[i].max_new_tokens for i in indices))
+        return logits, _Batch(cache, mask, positions[:, -1:], max(rows[i].max_new_tokens for i in indices), shared)
 
     def _stopped(self, tokens: list[int], stops: Sequence[str]) -> bool:
         if not any(stops):
