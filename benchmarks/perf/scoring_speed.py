@@ -1,4 +1,5 @@
-"""Speed of log-likelihood scoring: the key/value-reusing and packed paths against the plain (lm-eval-shaped) path.
+"""Speed of log-likelihood scoring: the key/value-reusing and packed paths (and "auto", the default, which picks
+one of them per call) against the plain (lm-eval-shaped) path.
 
 Both paths run in this one process on the same model and the same requests, one after the other, so the
 ratio is free of machine-to-machine noise. The plain path does exactly the forward passes lm-evaluation-
@@ -38,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = ModelSpec(name="smollm2", dtype=args.dtype, batch_size=args.batch_size)
     backend = load_backend(spec, device="cpu", work_dir=Path("/tmp/llmgate-perf"), fingerprint="perf")
-    print("| workload | items | requests | plain s | kv s | packed s | kv speed-up | packed speed-up | "
+    print("| workload | items | requests | plain s | kv s | packed s | auto s | kv speed-up | packed speed-up | "
           "max |dLL| kv / packed | same predictions kv / packed |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in args.workload:
         name, shots, groups, count = workload.split(":")
         task = TASKS[name].configured(TaskOptions(num_fewshot=int(shots)))
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             by_group.setdefault(item.group, []).extend(item.requests)
         timings = {}
         results = {}
-        for mode in ("plain", "kv", "packed"):
+        for mode in ("plain", "kv", "packed", "auto"):
             backend.kv_reuse = mode != "plain"
             backend.scoring = mode if mode != "plain" else "packed"
             start = time.perf_counter()
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 offset += n
             sames.append(same)
         print(f"| {name} {shots}-shot | {len(items)} | {len(requests)} | {timings['plain']:.1f} | "
-              f"{timings['kv']:.1f} | {timings['packed']:.1f} | {timings['plain'] / timings['kv']:.2f}x | "
+              f"{timings['kv']:.1f} | {timings['packed']:.1f} | {timings['auto']:.1f} | "
+              f"{timings['plain'] / timings['kv']:.2f}x | "
               f"{timings['plain'] / timings['packed']:.2f}x | {diffs[0]:.1e} / {diffs[1]:.1e} | "
               f"{sames[0]}/{len(items)} / {sames[1]}/{len(items)} |", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
