@@ -109,14 +109,7 @@ class Engine:
     def fingerprint(self, role: str) -> str:
         """The model fingerprint of ``role``, computed once per process."""
         if role not in self._fingerprints:
-            spec = self.roles[role]
-            fingerprint = None
-            if self.cache is not None:
-                try:
-                    fingerprint = model_fingerprint(spec, self.cache.file_digest, run_id=self.run_id)
-                except CacheError as error:
-                    self._drop_cache(error)
-            self._fingerprints[role] = fingerprint or model_fingerprint(spec, run_id=self.run_id)
+            self._fingerprints[role] = model_fingerprint(self.roles[role], self._file_digest, run_id=self.run_id)
         return self._fingerprints[role]
 
     def _file_digest(self, path: Path) -> str:

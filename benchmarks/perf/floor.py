@@ -70,7 +70,7 @@ def measure_floor(backend: Any, shards: Sequence[Sequence[Sequence[Any]]]) -> Fl
     import torch
 
     from pytest_llmgate.models.batching import BatchSizer
-    from pytest_llmgate.models.kv_scoring import MIN_SHARED_PREFIX, common_prefix, layered_cache
+    from pytest_llmgate.models.kv_scoring import layered_cache, shared_prefix
 
     model = backend.model
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -79,8 +79,7 @@ def measure_floor(backend: Any, shards: Sequence[Sequence[Sequence[Any]]]) -> Fl
     for shard in shards:
         items = [[backend.encode_pair(backend._context_text(r), r.continuation) for r in item] for item in shard]
         contexts = list({tuple(c): None for item in items for c, _ in item})
-        shared = min(common_prefix(contexts), min(len(c) for c in contexts) - 1) if len(contexts) > 1 else 0
-        shared = shared if shared >= MIN_SHARED_PREFIX else 0
+        shared = shared_prefix(contexts)
         prepared.append((list(contexts[0][:shared]), pack([item_rows(item, shared) for item in items])))
     tokens = scored_total = passes = 0
     seconds = 0.0

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import BatchSizer, is_out_of_memory
-from .kv_scoring import MIN_SHARED_PREFIX, common_prefix, layered_cache
+from .kv_scoring import layered_cache, shared_prefix
 
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever lm-eval samples
 # generation_config fields with which transformers' generate (so lm-eval) would change greedy choices, and
@@ -475,10 +475,7 @@ class Decoder:
                 raise ValueError("cannot generate from an empty context")
         # A prefix every prompt starts with (a fixed-shot task's examples) runs once; each row keeps at least one
         # token of its own, whose last position gives the first generated token.
-        shared = common_prefix([row.prompt for row in rows]) if len(rows) > 1 else 0
-        shared = min(shared, min(len(row.prompt) for row in rows) - 1)
-        if shared < MIN_SHARED_PREFIX:
-            shared = 0
+        shared = shared_prefix([row.prompt for row in rows])
         prefix = self._prefix(rows[0].prompt[:shared]) if shared else None
         generators = [torch.Generator().manual_seed(row.seed) if row.temperature > 0 else None for row in rows]
         generated: list[list[int]] = [[] for _ in rows]

@@ -42,6 +42,16 @@ def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
     return length
 
 
+def shared_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every one of ``sequences`` shares and is worth computing once: the common prefix,
+    leaving each sequence at least one token of its own (its last position is the one read), and 0 when that is
+    under :data:`MIN_SHARED_PREFIX` tokens or there is only one sequence."""
+    if len(sequences) < 2:
+        return 0
+    shared = min(common_prefix(sequences), min(len(s) for s in sequences) - 1)
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
 def span_scores(head: Any, spans: Sequence[Any], targets: Sequence[Any]) -> list[tuple[float, bool]]:
     """(summed log-probability, all greedy) of each target token row, from the hidden states that
     predict it; one output-head pass over all spans, log_softmax in the logits' dtype as lm-eval."""
@@ -70,8 +80,9 @@ def layered_cache(config: Any, layers: Iterable[tuple[Any, Any]]) -> Any:
     return cache
 
 
-class KVScorer:
-    """Scores (context tokens, continuation tokens) pairs on a decoder-only transformers model."""
+class DecoderScorer:
+    """What the log-likelihood scorers share: a decoder-only transformers model's decoder and output head, the
+    batch sizer, and running tokens with a cache of plain per-layer (keys, values) tensors."""
 
     def __init__(self, model: Any, device: str, sizer: BatchSizer | None = None) -> None:
         import torch
@@ -81,13 +92,13 @@ class KVScorer:
         self.head = model.get_output_embeddings()
         self.config = model.config
         self.device = device
+        self.dtype = next(model.parameters()).dtype
         # Rows and cached tokens (rows x length) per pass: bounds peak memory, backs off on out-of-memory.
         self.sizer = sizer or BatchSizer("auto", device)
         # transformers renamed ``past_key_values`` to ``cache`` in 5.x; accept either.
         parameters = inspect.signature(self.decoder.forward).parameters
         self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
-    # --- caches as plain per-layer (keys, values) tensors ---------------------------------------
     def _run(self, ids: Any, mask: Any, positions: Any, past: list[tuple[Any, Any]] | None) -> tuple[Any, Any]:
         cache = layered_cache(self.config, past or ())
         out = self.decoder(
@@ -98,25 +109,32 @@ class KVScorer:
         assert state is not None, "the decoder returned no cache although use_cache=True"
         return out.last_hidden_state, [(layer.keys, layer.values) for layer in state.layers]
 
+    def _prefix(self, contexts: Sequence[Sequence[int]]) -> tuple[int, list[tuple[Any, Any]] | None]:
+        """(tokens every context shares, ``shared_prefix``; their keys and values, computed once, or None)."""
+        torch = self.torch
+        shared = shared_prefix(contexts)
+        if not shared:
+            return 0, None
+        ids = torch.tensor([list(contexts[0][:shared])], device=self.device)
+        _, past = self._run(ids, torch.ones_like(ids), torch.arange(shared, device=self.device)[None], None)
+        return shared, past
+
+
+class KVScorer(DecoderScorer):
+    """Scores (context tokens, continuation tokens) pairs on a decoder-only transformers model."""
+
     @staticmethod
     def _rows(past: list[tuple[Any, Any]], index: Any) -> list[tuple[Any, Any]]:
         return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
 
     def score(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(summed log-probability, greedy) per (context, continuation) pair."""
-        torch = self.torch
         results: list[tuple[float, bool] | None] = [None] * len(encoded)
         by_context: dict[tuple[int, ...], list[int]] = {}
         for i, (context, _) in enumerate(encoded):
             by_context.setdefault(tuple(context), []).append(i)
         contexts = list(by_context)
-        shared = min(common_prefix(contexts), min(len(c) for c in contexts) - 1) if len(contexts) > 1 else 0
-        if shared < MIN_SHARED_PREFIX:
-            shared = 0
-        prefix_past = None
-        if shared:
-            ids = torch.tensor([contexts[0][:shared]], device=self.device)
-            _, prefix_past = self._run(ids, torch.ones_like(ids), torch.arange(shared, device=self.device)[None], None)
+        shared, prefix_past = self._prefix(contexts)
         # Longest remaining context first: batches of similar length waste little padding.
         contexts.sort(key=lambda c: -len(c))
 

@@ -27,8 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batching import BatchSizer
-from .kv_scoring import MIN_SHARED_PREFIX, common_prefix, layered_cache
+from .kv_scoring import DecoderScorer, common_prefix, layered_cache
 
 # Two contexts share one tree when their tokens after the call's shared prefix agree on at least this
 # many tokens (WinoGrande's words before the blank); below it the trees are only packed side by side.
@@ -134,46 +133,15 @@ def build_rows(
     return rows
 
 
-class PackedScorer:
+class PackedScorer(DecoderScorer):
     """Scores (context tokens, continuation tokens) pairs on a decoder-only transformers model, every needed
     token once: the shared prefix once (its cache reused), then packed token trees with a tree attention mask."""
 
-    def __init__(self, model: Any, device: str, sizer: BatchSizer | None = None) -> None:
-        import inspect
-
-        import torch
-
-        self.torch = torch
-        self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
-        self.config = model.config
-        self.device = device
-        self.dtype = next(model.parameters()).dtype
-        self.sizer = sizer or BatchSizer("auto", device)
-        parameters = inspect.signature(self.decoder.forward).parameters
-        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
-
     def score(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(summed log-probability, greedy) per (context, continuation) pair."""
-        torch = self.torch
         if not encoded:
             return []
-        contexts = list({tuple(c): None for c, _ in encoded})
-        shared = min(common_prefix(contexts), min(len(c) for c in contexts) - 1) if len(contexts) > 1 else 0
-        if shared < MIN_SHARED_PREFIX:
-            shared = 0
-        prefix_past = None
-        if shared:
-            ids = torch.tensor([contexts[0][:shared]], device=self.device)
-            out = self.decoder(
-                input_ids=ids,
-                position_ids=torch.arange(shared, device=self.device)[None],
-                use_cache=True,
-                **{self.cache_arg: layered_cache(self.config, ())},
-            )
-            state = getattr(out, "cache", None) if self.cache_arg == "cache" else out.past_key_values
-            assert state is not None, "the decoder returned no cache although use_cache=True"
-            prefix_past = [(layer.keys, layer.values) for layer in state.layers]
+        shared, prefix_past = self._prefix(list({tuple(c): None for c, _ in encoded}))
         rows = build_rows(encoded, shared)
         results: list[tuple[float, bool] | None] = [None] * len(encoded)
 
