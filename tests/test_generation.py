@@ -283,6 +283,103 @@ def test_shared_prefix_runs_once_and_decodes_as_generate(tiny, prompts, frequent
         begin += n
 
 
+@pytest.mark.parametrize("queries", [1, 5])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_prefix_attention_equals_sdpa_over_the_concatenated_keys(queries, mask_kind):
+    """Two-part attention (the prefix's one copy, then each row's own keys, one softmax) against SDPA over the
+    prefix expanded into every row and concatenated with the row's keys, the mask covering the prefix as visible."""
+    from types import SimpleNamespace
+
+    from pytest_llmgate.models.prefix_attention import SharedPrefix, attention
+
+    generator = torch.Generator().manual_seed(11)
+    rows, heads, kv_heads, size, length, own = 3, 6, 2, 8, 13, 9
+
+    def rand(*shape: int) -> Any:
+        return torch.randn(*shape, generator=generator)
+
+    query, key, value = rand(rows, heads, queries, size), rand(rows, kv_heads, own, size), rand(rows, kv_heads, own, size)
+    prefix_keys, prefix_values = rand(1, kv_heads, length, size), rand(1, kv_heads, length, size)
+    # Each row's own columns left-padded (row r has r padding columns), causal to the end of the own keys.
+    causal = torch.ones((queries, own), dtype=torch.bool).tril(own - queries)
+    padding = torch.arange(own)[None, :] >= torch.arange(rows)[:, None]
+    allowed = causal[None, None] & padding[:, None, None, :] if mask_kind != "none" else causal[None, None]
+    mask = {"none": None, "bool": allowed,
+            "additive": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
+    module = SimpleNamespace(layer_idx=1, num_key_value_groups=heads // kv_heads)
+    prefix = SharedPrefix([(prefix_keys * 0, prefix_values * 0), (prefix_keys, prefix_values)])
+    got, _ = attention(module, query, key, value, mask, scaling=0.3, shared_prefix=prefix)
+
+    full_keys = torch.cat([prefix_keys.expand(rows, -1, -1, -1), key], dim=2).repeat_interleave(heads // kv_heads, 1)
+    full_values = torch.cat([prefix_values.expand(rows, -1, -1, -1), value], 2).repeat_interleave(heads // kv_heads, 1)
+    full_mask = torch.cat([torch.ones((rows, 1, queries, length), dtype=torch.bool),
+                           allowed.expand(rows, 1, queries, own)], dim=-1)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, full_keys, full_values, attn_mask=full_mask,
+                                                                scale=0.3).transpose(1, 2)
+    assert got.shape == (rows, queries, heads, size)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+
+
+def test_decoding_holds_a_shared_prefix_once_and_restores_the_attention(tiny, prompts, frequent_eos):
+    """With a shared prefix on SDPA attention, no decoding pass (prefill or step) sees the prefix's columns in its
+    keys: the cache holds each row's own tokens only, the prefix reaches attention once per layer; the model's
+    attention setting is back to SDPA afterwards, and the completions are generate's."""
+    from pytest_llmgate.models import prefix_attention
+
+    shared = torch.randint(3, 49152, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+    with_prefix = [shared + p for p in prompts]
+    seen: list[tuple[int, int]] = []  # (keys the pass's attention got, prefix length it was handed)
+    attend = prefix_attention.attention
+
+    def spy(module: Any, query: Any, key: Any, value: Any, mask: Any, *args: Any, **kwargs: Any) -> Any:
+        prefix = kwargs.get("shared_prefix")
+        if module.layer_idx == 0:
+            seen.append((key.shape[2], prefix.length if prefix is not None else 0))
+        return attend(module, query, key, value, mask, *args, **kwargs)
+
+    prefix_attention.attention = spy
+    try:
+        rows, shapes = decode_recording_passes(decoder(tiny, frequent_eos), with_prefix)
+    finally:
+        prefix_attention.attention = attend
+    assert rows == hf_generate(tiny, with_prefix, frequent_eos)
+    assert tiny.config._attn_implementation == "sdpa"
+    # Every pass after the prefix's own: handed the 24-token prefix, keys no wider than the own columns so far.
+    assert len(seen) == len(shapes) - 1 and all(length == 24 for _, length in seen)
+    widest_own = max(len(p) for p in prompts)
+    assert all(keys <= widest_own + N_NEW for keys, _ in seen)
+
+
+def test_a_model_on_eager_attention_decodes_a_shared_prefix_per_row(tokenizer, prompts):
+    """Only SDPA attention is replaced: an eager-attention model decodes with the prefix in every row's cache, as
+    before, and equals generate."""
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        initializer_range=0.2, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert model.config._attn_implementation == "eager"
+    shared = torch.randint(3, 49152, (20,), generator=torch.Generator().manual_seed(7)).tolist()
+    with_prefix = [shared + p for p in prompts]
+    free = hf_generate(model, with_prefix, eos=-1)
+    eos = Counter(t for row in free for t in row[3:]).most_common(1)[0][0]
+    rows, _ = decode_recording_passes(decoder(model, eos), with_prefix)
+    assert rows == hf_generate(model, with_prefix, eos)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_rows_budget_their_own_tokens_when_the_prefix_is_held_apart():
+    """The decoding budget (``fits``) counts what the cache holds: a row's own tokens, not the prefix held once."""
+    rows = [DecodeRow(tuple(range(100 + i)), 20, ()) for i in range(6)]  # 100-token shared prefix, 0-5 own tokens
+
+    def fits(count: int, widest: int) -> bool:
+        return count * widest <= 200
+
+    assert Decoder._joining(rows, None, list(range(6)), fits) == [0]  # 120+ tokens a row: one fits
+    assert Decoder._joining(rows, None, list(range(6)), fits, apart=100) == [0, 1, 2, 3, 4, 5]  # 20-25 a row
+
+
 def test_stop_strings_end_a_row_and_the_text_is_cut_as_lm_eval_cuts_it(tiny, tokenizer, prompts):
     contexts = [tokenizer.decode(p) for p in prompts[:4]]
     free = generate_completions(tiny, tokenizer, contexts, [GenerationRequest(c, ()) for c in contexts],

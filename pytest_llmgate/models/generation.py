@@ -31,11 +31,13 @@ import hashlib
 import inspect
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from .batching import BatchSizer, is_out_of_memory
 from .kv_scoring import layered_cache, shared_prefix
+from .prefix_attention import SharedPrefix, prefix_attention
 
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever lm-eval samples
 # generation_config fields with which transformers' generate (so lm-eval) would change greedy choices, and
@@ -214,6 +216,9 @@ def _reserved_layer() -> type:
 _RESERVED_LAYER: type | None = None
 # A running batch drops columns no row reads once there are this many (fewer are not worth the copy).
 MIN_TRIMMED_COLUMNS = 16
+# A prefill pass against a prefix held apart materializes its attention scores (tokens x heads x (prefix + own
+# columns), float32) one layer at a time: passes are cut to keep them within this.
+PREFIX_SCORES_BYTES = 256 << 20
 
 
 def _positions(keys: Any) -> int:
@@ -228,7 +233,9 @@ class _Batch:
     ``room``: how many more tokens each plain cache layer keeps space for (the call's largest ``max_new_tokens``),
     so that decoding steps write in place (``_reserved_layer``)."""
 
-    def __init__(self, cache: Any, mask: Any, last: Any, room: int, shared: int) -> None:
+    def __init__(
+        self, cache: Any, mask: Any, last: Any, room: int, shared: int, prefix: SharedPrefix | None = None
+    ) -> None:
         from transformers.cache_utils import DynamicLayer
 
         self.cache = cache
@@ -236,6 +243,8 @@ class _Batch:
         self.last = last
         self.room = room
         self.shared = shared
+        # The shared prefix held apart (``prefix_attention``): the cache and mask then have no prefix columns.
+        self.prefix = prefix
         # Rows join and steps write in place only on plain layers: a sliding-window layer drops old positions,
         # and other kinds keep state of their own, so their batches run as transformers' cache runs them.
         self.joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
@@ -282,14 +291,17 @@ class _Batch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
         self.last = self.last + 1
         padded = not bool(self.mask.all())
-        logits, self.cache = decoder._forward(tokens, self.mask if padded else None, self.last, self.cache)
+        logits, self.cache = decoder._forward(
+            tokens, self.mask if padded else None, self.last, self.cache, self.prefix
+        )
         return logits
 
-    def merged(self, other: _Batch, shared: int) -> _Batch:
+    def merged(self, other: _Batch) -> _Batch:
         """This batch with ``other``'s rows after its own: the narrower side's padding widened (after the shared
         prefix columns) so that both have the same number of columns."""
         import torch
 
+        shared = self.shared
         width = max(self.mask.shape[1], other.mask.shape[1])
         self.room = max(self.room, other.room)
         self._widen(other, shared)
@@ -355,7 +367,9 @@ class Decoder:
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         self._last_logits_only = "logits_to_keep" in parameters
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any) -> tuple[Any, Any]:
+    def _forward(
+        self, ids: Any, mask: Any, positions: Any, cache: Any, prefix: SharedPrefix | None = None
+    ) -> tuple[Any, Any]:
         kwargs: dict[str, Any] = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -363,18 +377,24 @@ class Decoder:
             "use_cache": True,
             self._cache_arg: cache,
         }
+        if prefix is not None:
+            kwargs["shared_prefix"] = prefix  # to ``prefix_attention.attention`` through the layers' keywords
         if self._last_logits_only:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
         new_cache = out.cache if self._cache_arg == "cache" else out.past_key_values
         return out.logits[:, -1, :].float(), new_cache
 
-    def _prefix(self, tokens: Sequence[int]) -> list[tuple[Any, Any]]:
-        """Keys and values of ``tokens`` (the prompts' shared prefix), computed once for every row."""
+    def _prefix(self, tokens: Sequence[int]) -> tuple[list[tuple[Any, Any]], bool]:
+        """Keys and values of ``tokens`` (the prompts' shared prefix), computed once for every row, and whether
+        every cache layer is a plain one (a ``DynamicLayer``: the prefix may then be held apart while decoding)."""
+        from transformers.cache_utils import DynamicLayer
+
         torch = self._torch
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         _, cache = self._forward(ids, None, torch.arange(len(tokens), device=self.device)[None], None)
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        plain = all(type(layer) is DynamicLayer for layer in cache.layers)
+        return [(layer.keys, layer.values) for layer in cache.layers], plain
 
     def _expanded(self, prefix: list[tuple[Any, Any]] | None, rows: int) -> Any:
         """A cache holding ``prefix`` for ``rows`` rows (None without a prefix)."""
@@ -385,11 +405,19 @@ class Decoder:
         )
 
     def _prefill(
-        self, ids: Any, mask: Any, positions: Any, prefix: list[tuple[Any, Any]] | None = None
+        self,
+        ids: Any,
+        mask: Any,
+        positions: Any,
+        prefix: list[tuple[Any, Any]] | None = None,
+        held: SharedPrefix | None = None,
     ) -> tuple[Any, Any]:
         """Last-position logits and the cache of every row, computed in passes of consecutive rows that keep
         each pass within ``prefill_tokens``; the passes' caches are joined into one for decoding. ``prefix``: the
-        cache of a prefix every row starts with (``mask`` then covers it too).
+        cache of a prefix every row starts with (``mask`` then covers it too). ``held``: instead, that prefix held
+        apart (``prefix_attention``): the passes attend to it through ``shared_prefix``, ``mask`` and the cache
+        have only the rows' own columns, and a pass's two-part attention scores stay within
+        :data:`PREFIX_SCORES_BYTES`.
 
         Rows are left-padded to the batch's widest prompt, but a pass computes only as many columns as its own
         widest row needs (rows come longest first, so a pass of one long prompt has no padding at all and runs
@@ -399,19 +427,26 @@ class Decoder:
         rows, width = ids.shape
         shared = mask.shape[1] - width
         lengths = [int(n) for n in mask[:, shared:].sum(-1).tolist()]
+        limit = self.prefill_tokens
+        if held is not None:
+            heads = int(getattr(self.model.config, "num_attention_heads", 32))
+            cap = max(1, PREFIX_SCORES_BYTES // (4 * heads * (held.length + width)))
+            limit = cap if limit is None else min(limit, cap)
         passes: list[tuple[int, int, int]] = []  # (first row, end row, columns)
         begin = 0
         while begin < rows:
             end, columns = begin + 1, lengths[begin]
-            while end < rows and (
-                self.prefill_tokens is None or (end + 1 - begin) * max(columns, lengths[end]) <= self.prefill_tokens
-            ):
+            while end < rows and (limit is None or (end + 1 - begin) * max(columns, lengths[end]) <= limit):
                 columns = max(columns, lengths[end])
                 end += 1
             passes.append((begin, end, columns))
             begin = end
+
+        def past(count: int) -> Any:
+            return None if held is not None else self._expanded(prefix, count)
+
         if len(passes) == 1 and passes[0][2] == width:
-            return self._forward(ids, None if bool(mask.all()) else mask, positions, self._expanded(prefix, rows))
+            return self._forward(ids, None if bool(mask.all()) else mask, positions, past(rows), held)
         logits = []
         joined: list[tuple[Any, Any]] = []
         for begin, end, columns in passes:
@@ -422,7 +457,8 @@ class Decoder:
                 ids[part, own],
                 None if bool(part_mask.all()) else part_mask,
                 positions[part, own],
-                self._expanded(prefix, end - begin),
+                past(end - begin),
+                held,
             )
             logits.append(part_logits)
             for layer, state in enumerate(part_cache.layers):
@@ -467,16 +503,31 @@ class Decoder:
         picked (the first call follows the first prefill: the first token), with the indices in ``rows`` of the
         rows that step finished; the serving probe reads its clock there.
         """
-        torch = self._torch
         if not rows:
             return []
         for row in rows:
             if not row.prompt:
                 raise ValueError("cannot generate from an empty context")
         # A prefix every prompt starts with (a fixed-shot task's examples) runs once; each row keeps at least one
-        # token of its own, whose last position gives the first generated token.
+        # token of its own, whose last position gives the first generated token. Decoding then holds it once for
+        # all rows (``prefix_attention``) where the model's attention and cache allow.
         shared = shared_prefix([row.prompt for row in rows])
-        prefix = self._prefix(rows[0].prompt[:shared]) if shared else None
+        prefix, plain = self._prefix(rows[0].prompt[:shared]) if shared else (None, False)
+        with prefix_attention(self.model) if plain else nullcontext(False) as apart:
+            held = SharedPrefix(prefix) if apart and prefix is not None else None
+            return self._decode(rows, on_step, fits, shared, prefix, held)
+
+    def _decode(
+        self,
+        rows: Sequence[DecodeRow],
+        on_step: Callable[[list[int]], None] | None,
+        fits: Callable[[int, int], bool] | None,
+        shared: int,
+        prefix: list[tuple[Any, Any]] | None,
+        held: SharedPrefix | None,
+    ) -> list[list[int]]:
+        """``run``'s loop: rows join, decode and leave the running batch."""
+        torch = self._torch
         generators = [torch.Generator().manual_seed(row.seed) if row.temperature > 0 else None for row in rows]
         generated: list[list[int]] = [[] for _ in rows]
         pending = list(range(len(rows)))
@@ -484,11 +535,15 @@ class Decoder:
         batch: _Batch | None = None
         logits: Any = None  # of the active rows: each row's next token is picked from its row
         while True:
-            joining = self._joining(rows, batch, pending, fits) if batch is None or batch.joinable else []
+            joining = (
+                self._joining(rows, batch, pending, fits, held.length if held is not None else 0)
+                if batch is None or batch.joinable
+                else []
+            )
             if joining:
                 pending = pending[len(joining) :]
-                new_logits, joined = self._start(rows, joining, shared, prefix)
-                batch = joined if batch is None else batch.merged(joined, shared)
+                new_logits, joined = self._start(rows, joining, shared, prefix, held)
+                batch = joined if batch is None else batch.merged(joined)
                 logits = new_logits if logits is None else torch.cat([logits, new_logits])
                 active += joining
             picked = self._pick(logits, [rows[i] for i in active], [generators[i] for i in active])
@@ -518,12 +573,17 @@ class Decoder:
 
     @staticmethod
     def _joining(
-        rows: Sequence[DecodeRow], batch: _Batch | None, pending: list[int], fits: Callable[[int, int], bool] | None
+        rows: Sequence[DecodeRow],
+        batch: _Batch | None,
+        pending: list[int],
+        fits: Callable[[int, int], bool] | None,
+        apart: int = 0,
     ) -> list[int]:
         """The pending rows that join the batch now: all of them without ``fits``, else as many (in order) as fit
-        beside the batch's rows, at least one when there is no batch. A row's width is its prompt and new tokens;
-        the batch's is what its cache holds room for (its columns, which grow with every step, and its room), so
-        the tokens ``fits`` allows bound the cache's memory."""
+        beside the batch's rows, at least one when there is no batch. A row's width is its prompt and new tokens,
+        less the ``apart`` prefix tokens held apart (once for all rows); the batch's is what its cache holds room
+        for (its columns, which grow with every step, and its room), so the tokens ``fits`` allows bound the
+        cache's memory."""
         if not pending:
             return []
         if fits is None:
@@ -532,7 +592,7 @@ class Decoder:
         width = 0 if batch is None else int(batch.mask.shape[1]) + batch.room
         joining: list[int] = []
         for i in pending:
-            widest = max(width, len(rows[i].prompt) + rows[i].max_new_tokens)
+            widest = max(width, len(rows[i].prompt) - apart + rows[i].max_new_tokens)
             if not fits(count + len(joining) + 1, widest) and (count or joining):
                 break
             joining.append(i)
@@ -540,10 +600,16 @@ class Decoder:
         return joining
 
     def _start(
-        self, rows: Sequence[DecodeRow], indices: list[int], shared: int, prefix: list[tuple[Any, Any]] | None
+        self,
+        rows: Sequence[DecodeRow],
+        indices: list[int],
+        shared: int,
+        prefix: list[tuple[Any, Any]] | None,
+        held: SharedPrefix | None = None,
     ) -> tuple[Any, _Batch]:
         """Prefill ``rows[indices]`` (their own tokens after the ``shared`` prefix, left-padded to the widest):
-        the first logits of each and their decoding state."""
+        the first logits of each and their decoding state. With ``held`` (the prefix held apart) the state keeps
+        only the rows' own columns."""
         torch = self._torch
         width = max(len(rows[i].prompt) for i in indices) - shared
         ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
@@ -555,8 +621,12 @@ class Decoder:
             mask[r, shared + width - len(own) :] = 1
         positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))[:, shared:]
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        room = max(rows[i].max_new_tokens for i in indices)
+        if held is not None:  # the prefix held apart: no column of it in the mask or the cache
+            logits, cache = self._prefill(ids, mask[:, shared:], positions, held=held)
+            return logits, _Batch(cache, mask[:, shared:], positions[:, -1:], room, 0, held)
         logits, cache = self._prefill(ids, mask, positions, prefix)
-        return logits, _Batch(cache, mask, positions[:, -1:], max(rows[i].max_new_tokens for i in indices), shared)
+        return logits, _Batch(cache, mask, positions[:, -1:], room, shared)
 
     def _stopped(self, tokens: list[int], stops: Sequence[str]) -> bool:
         if not any(stops):
