@@ -298,7 +298,8 @@ def test_prefix_attention_equals_sdpa_over_the_concatenated_keys(queries, mask_k
     def rand(*shape: int) -> Any:
         return torch.randn(*shape, generator=generator)
 
-    query, key, value = rand(rows, heads, queries, size), rand(rows, kv_heads, own, size), rand(rows, kv_heads, own, size)
+    query = rand(rows, heads, queries, size)
+    key, value = rand(rows, kv_heads, own, size), rand(rows, kv_heads, own, size)
     prefix_keys, prefix_values = rand(1, kv_heads, length, size), rand(1, kv_heads, length, size)
     # Each row's own columns left-padded (row r has r padding columns), causal to the end of the own keys.
     causal = torch.ones((queries, own), dtype=torch.bool).tril(own - queries)

@@ -291,9 +291,7 @@ class _Batch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
         self.last = self.last + 1
         padded = not bool(self.mask.all())
-        logits, self.cache = decoder._forward(
-            tokens, self.mask if padded else None, self.last, self.cache, self.prefix
-        )
+        logits, self.cache = decoder._forward(tokens, self.mask if padded else None, self.last, self.cache, self.prefix)
         return logits
 
     def merged(self, other: _Batch) -> _Batch:
