@@ -17,7 +17,9 @@ padded, as ``generate`` drops it), position ids counted from the first real toke
 the last position's logits, then one token per step on the cache. The prefill runs the batch's rows in
 groups of at most ``prefill_tokens`` tokens (on the CPU, the log-likelihood pass size) whose caches are
 joined for decoding: a prefill's transient attention and MLP tensors grow with its tokens, the cache
-only with the rows, so decoding keeps its large batch without a large prefill peak.
+only with the rows, so decoding keeps its large batch without a large prefill peak. A prefix every prompt
+shares (fixed few-shot examples) is computed once and, on SDPA attention with plain cache layers, held once for all
+rows (``prefix_attention``) instead of in every row's cache.
 
 Sampling (``temperature > 0``) warps the logits as transformers' sampling does with lm-eval's
 arguments: temperature, then top-k 50 (``generate``'s default, which lm-eval leaves in place), then

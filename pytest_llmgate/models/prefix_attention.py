@@ -13,10 +13,12 @@ matrix product for all rows and the query heads that share the key/value head), 
 usual (with its mask); one softmax over both parts' scores, and the two weighted sums of values added. That is
 attention over the concatenated keys, computed in a different order: the results equal SDPA's to float rounding.
 
-Only the decoding steps take this path; the prompts' prefill runs as before (SDPA, the prefix expanded into each row
-of the pass), and its cache keeps the rows' own columns. It applies to models on transformers' "sdpa" attention whose
-cache layers are plain ``DynamicLayer`` s (``Decoder`` checks both): within :func:`prefix_attention` the model's
-config names this module's attention function, which is SDPA's own whenever no prefix is passed.
+The prompts' prefill passes (each row's own tokens after the prefix) and the decoding steps both take this path, so
+no row's cache ever holds the prefix; a prefill pass materializes its scores (queries x heads x keys), which
+``Decoder`` bounds by cutting the passes (``generation.PREFIX_SCORES_BYTES``). It applies to models on transformers'
+"sdpa" attention whose cache layers are plain ``DynamicLayer`` s (``Decoder`` checks both): within
+:func:`prefix_attention` the model's config names this module's attention function, which is SDPA's own whenever no
+prefix is passed.
 """
 
 from __future__ import annotations
