@@ -223,6 +223,14 @@ MIN_TRIMMED_COLUMNS = 16
 PREFIX_SCORES_BYTES = 256 << 20
 
 
+def _plain_layers(cache: Any) -> bool:
+    """Whether every layer of ``cache`` is a plain ``DynamicLayer`` (not a sliding-window or other kind): only those
+    take joining rows, in-place steps and a prefix held apart."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 def _positions(keys: Any) -> int:
     """How many positions a layer's keys hold."""
     return int(keys.shape[-2])
@@ -238,8 +246,6 @@ class _Batch:
     def __init__(
         self, cache: Any, mask: Any, last: Any, room: int, shared: int, prefix: SharedPrefix | None = None
     ) -> None:
-        from transformers.cache_utils import DynamicLayer
-
         self.cache = cache
         self.mask = mask
         self.last = last
@@ -249,7 +255,7 @@ class _Batch:
         self.prefix = prefix
         # Rows join and steps write in place only on plain layers: a sliding-window layer drops old positions,
         # and other kinds keep state of their own, so their batches run as transformers' cache runs them.
-        self.joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
+        self.joinable = _plain_layers(cache)
         if self.joinable:
             self._widen(None, 0)
 
@@ -387,14 +393,11 @@ class Decoder:
 
     def _prefix(self, tokens: Sequence[int]) -> tuple[list[tuple[Any, Any]], bool]:
         """Keys and values of ``tokens`` (the prompts' shared prefix), computed once for every row, and whether
-        every cache layer is a plain one (a ``DynamicLayer``: the prefix may then be held apart while decoding)."""
-        from transformers.cache_utils import DynamicLayer
-
+        every cache layer is a plain one (``_plain_layers``: the prefix may then be held apart while decoding)."""
         torch = self._torch
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         _, cache = self._forward(ids, None, torch.arange(len(tokens), device=self.device)[None], None)
-        plain = all(type(layer) is DynamicLayer for layer in cache.layers)
-        return [(layer.keys, layer.values) for layer in cache.layers], plain
+        return [(layer.keys, layer.values) for layer in cache.layers], _plain_layers(cache)
 
     def _expanded(self, prefix: list[tuple[Any, Any]] | None, rows: int) -> Any:
         """A cache holding ``prefix`` for ``rows`` rows (None without a prefix)."""
