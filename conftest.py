@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # selenium (the HTML report's browser test) needs trio, which registers a Hypothesis plugin that Hypothesis warns
@@ -24,6 +26,55 @@ with contextlib.suppress(ImportError):  # llama.cpp's shared libraries, loaded o
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+DEQUANTIZED = "LLMGATE_DEQUANTIZED_DIR"
+_OWN_DEQUANTIZED = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One dequantized copy of the default GGUF model for the whole session: the backends the tests load and the
+    gate runs they start (inline, in subprocesses, xdist workers) read it from ``$LLMGATE_DEQUANTIZED_DIR``
+    instead of parsing the GGUF file again (10-20 s each on a 2-core machine). Tests about where the copy goes
+    unset it. A folder someone set already is used and kept."""
+    if not os.environ.get(DEQUANTIZED):
+        folder = tempfile.mkdtemp(prefix="llmgate-tests-dequantized-")
+        os.environ[DEQUANTIZED] = folder
+        config.stash[_OWN_DEQUANTIZED] = folder
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = config.stash.get(_OWN_DEQUANTIZED, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(DEQUANTIZED, None)
+
+
+@pytest.fixture(scope="session")
+def gguf_ladder(tmp_path_factory: pytest.TempPathFactory):
+    """``into(project, *kinds)``: the default model's GGUF files of those types (``F16``, ``Q8_0``, ...) where a gate
+    run in ``project`` finds them (``.llmgate/gguf/<source hash>/``), built once per session with llama.cpp's
+    quantizer and hard-linked there, instead of every test's run building them again (10-20 s a file)."""
+    built = tmp_path_factory.mktemp("gguf-ladder")
+
+    def into(project: Path, *kinds: str) -> None:
+        from pytest_llmgate.models import builtin_smollm2
+        from pytest_llmgate.models.gguf_files import quantized_gguf
+
+        folder, name = builtin_smollm2()
+        for kind in kinds:
+            made = quantized_gguf(folder / name, kind, built, threads=2)
+            target = project / ".llmgate" / "gguf" / made.path.parent.name
+            target.mkdir(parents=True, exist_ok=True)
+            for source in (made.path, made.path.with_suffix(".json")):
+                if not (target / source.name).exists():
+                    os.link(source, target / source.name)
+
+    return into
+
+
+@pytest.fixture(scope="session")
+def dequantized_dir() -> Path:
+    """The session's folder of dequantized GGUF copies (``load_backend(..., dequantized_dir=...)``)."""
+    return Path(os.environ[DEQUANTIZED])
 
 
 @pytest.fixture(scope="session")

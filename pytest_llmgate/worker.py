@@ -17,6 +17,7 @@ from .cache import CacheError, ResultCache
 from .config import ALL_STAGES, BASELINE_STAGE, ConfigError
 from .engine import BudgetExceeded, Engine, ShardError
 from .models import ModelLoadError
+from .models.dequantized import dequantized_root
 from .outcome import ItemOutcome
 from .state import OUTCOME, SHARD, RunState
 from .tasks import DatasetError, TaskItem
@@ -51,10 +52,8 @@ def make_engine(config: pytest.Config, state: RunState) -> Engine:
         worker_index=worker_index,
         cpu_threads=threads,
         run_id=run_id or uuid.uuid4().hex,
-        # Beside the result cache (a shared cache folder shares it too), else in the work folder: it is a file
-        # derived from the model's bytes, like the work folder's GGUF files, and saves every later start the
-        # GGUF parse (10+ s for the default model) also when results are not cached.
-        dequantized_dir=(gate.cache_path.parent if gate.cache_path is not None else state.work_dir) / "dequantized",
+        # $LLMGATE_DEQUANTIZED_DIR, else beside the result cache, else in the work folder (``dequantized_root``).
+        dequantized_dir=dequantized_root(gate.cache_path, state.work_dir),
         # Each xdist worker spends at most its share of the run's budget.
         budget=gate.max_cost / int(workerinput["workercount"]) if gate.max_cost and workerinput else gate.max_cost,
     )

@@ -7,8 +7,10 @@ a few items and the 8-bit stage so that it fits in CI; the full ladder is the RE
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -38,6 +40,11 @@ def test_demo_config_baseline_then_int8_on_smollm2(tmp_path):
     assert baseline.returncode == 0, baseline.stdout
     assert report["verdict"] == "baseline-recorded" and report["models"]["baseline"]["evaluated"] == 6
     assert "baseline recorded: 6 items in the cache" in baseline.stdout
+    # The dequantized copy went to $LLMGATE_DEQUANTIZED_DIR (the suite's shared folder, conftest.py), not beside
+    # the cache file.
+    shared = Path(os.environ["LLMGATE_DEQUANTIZED_DIR"])
+    assert sorted(p.parent.name.rsplit("-", 1)[-1] for p in shared.glob("*/complete.json")) == ["float32", "tokenizer"]
+    assert not (tmp_path / "dequantized").exists()
 
     stage, report = run_benchmarks(tmp_path, "--stage=int8")
     assert stage.returncode == report["exit_code"] == {"pass": 0, "breach": 10, "critical": 11}[report["verdict"]]
@@ -52,9 +59,12 @@ def test_demo_config_baseline_then_int8_on_smollm2(tmp_path):
     assert "stage int8:" in stage.stdout and "llmgate: stage 'int8'" in stage.stdout
 
 
-def test_without_the_result_cache_the_dequantized_copy_is_kept_in_the_work_folder(pytester, shared_datasets):
+def test_without_the_result_cache_the_dequantized_copy_is_kept_in_the_work_folder(
+    pytester, shared_datasets, monkeypatch
+):
     """``cache = false`` keeps no results, but the default GGUF model's dequantized copy (a file derived from the
     model, like a ladder's GGUF files) is written to .llmgate/dequantized/ and read by the next run."""
+    monkeypatch.delenv("LLMGATE_DEQUANTIZED_DIR")  # the test suite's shared folder (conftest.py)
     pytester.makepyprojecttoml(
         f"[tool.llmgate]\ntasks = ['arc_challenge']\nlimit = 1\ndata_dir = {str(shared_datasets)!r}\ncache = false\n"
         "baseline = 'ref'\n[tool.llmgate.models.ref]\npath = 'builtin:smollm2-135m-instruct'\n"

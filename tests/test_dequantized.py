@@ -141,3 +141,16 @@ def test_default_model_copy_gives_the_same_tokens_and_scores(smollm2_twice: tupl
         first.tokenizer.bos_token_id, first.tokenizer.eos_token_id, first.tokenizer.pad_token_id)
     # The same float32 weights through the same kernels: the same numbers, bit for bit.
     assert second.loglikelihood(requests) == first.loglikelihood(requests)
+
+
+def test_the_folder_is_the_environments_else_beside_the_cache_else_the_work_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(dequantized.ENVIRONMENT, raising=False)
+    cache = tmp_path / "c" / "cache.sqlite"
+    assert dequantized.dequantized_root(cache, tmp_path / "w") == tmp_path / "c" / "dequantized"
+    assert dequantized.dequantized_root(None, tmp_path / "w") == tmp_path / "w" / "dequantized"
+    monkeypatch.setenv(dequantized.ENVIRONMENT, str(tmp_path / "shared"))
+    assert dequantized.dequantized_root(cache, tmp_path / "w") == tmp_path / "shared"
+    monkeypatch.setenv(dequantized.ENVIRONMENT, "  ")  # blank: as if unset
+    assert dequantized.dequantized_root(None, tmp_path / "w") == tmp_path / "w" / "dequantized"

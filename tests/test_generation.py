@@ -536,10 +536,10 @@ def test_chat_template_retries_without_system_messages(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(tmp_path_factory, dequantized_dir):
     spec = ModelSpec(name="smollm2", batch_size=3)
     backend = load_backend(spec, device="cpu", work_dir=tmp_path_factory.mktemp("work"),
-                           fingerprint=model_fingerprint(spec))
+                           fingerprint=model_fingerprint(spec), dequantized_dir=dequantized_dir)
     yield backend
     backend.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,10 +141,10 @@ def test_common_prefix() -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def smollm2(tmp_path_factory: pytest.TempPathFactory, dequantized_dir: Path) -> Any:
     spec = ModelSpec(name="smollm2")
     backend = load_backend(spec, device="cpu", work_dir=tmp_path_factory.mktemp("work"),
-                           fingerprint=model_fingerprint(spec))
+                           fingerprint=model_fingerprint(spec), dequantized_dir=dequantized_dir)
     assert backend.scoring == "auto"  # the default
     yield backend
     backend.close()

@@ -229,8 +229,9 @@ def test_hellaswag(llmgate_outcome):
 """
 
 
-def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets, monkeypatch):
+def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets, monkeypatch, gguf_ladder):
     (pytester.path / "pyproject.toml").write_text(GGUF_LADDER.format(data=shared_datasets))
+    gguf_ladder(pytester.path, "F16", "Q8_0", "Q4_K_M")  # built once per session (conftest.py)
     pytester.makepyfile(test_bench=HELLASWAG_TEST)
     # Imported before the in-process run: pytester drops the modules a run imports when it ends.
     from mlflow.tracking import MlflowClient

@@ -47,10 +47,12 @@ def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def transformers_backend(work_dir: Path) -> Iterator[TransformersBackend]:
+def transformers_backend(work_dir: Path, dequantized_dir: Path) -> Iterator[TransformersBackend]:
     """The built-in default model (SmolLM2-135M-Instruct) in transformers, on the CPU."""
     spec = ModelSpec(name="m")
-    backend = load_backend(spec, device="cpu", work_dir=work_dir, fingerprint=model_fingerprint(spec))
+    backend = load_backend(
+        spec, device="cpu", work_dir=work_dir, fingerprint=model_fingerprint(spec), dequantized_dir=dequantized_dir
+    )
     assert isinstance(backend, TransformersBackend)
     yield backend
     backend.close()

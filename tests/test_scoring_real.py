@@ -26,10 +26,10 @@ ACC_NORM = {("arc_challenge", 0): 0.0, ("arc_challenge", 1): 0.0, ("hellaswag", 
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(tmp_path_factory, dequantized_dir):
     spec = ModelSpec(name="smollm2")
     backend = load_backend(spec, device="cpu", work_dir=tmp_path_factory.mktemp("work"),
-                           fingerprint=model_fingerprint(spec))
+                           fingerprint=model_fingerprint(spec), dequantized_dir=dequantized_dir)
     yield backend
     backend.close()
 

@@ -84,11 +84,12 @@ def test_speed(llmgate_probe, benchmark):
 
 
 @pytest.fixture
-def ladder(pytester, shared_datasets):
+def ladder(pytester, shared_datasets, gguf_ladder):
     def write(extra: str = "", price: str = "") -> None:
         (pytester.path / "pyproject.toml").write_text(LADDER.format(data=shared_datasets, extra=extra, price=price))
 
     write()
+    gguf_ladder(pytester.path, "F16", "Q8_0", "Q4_0")  # built once per session (conftest.py)
     pytester.makepyfile(test_bench=TESTS)
     return write
 

@@ -5,8 +5,9 @@ merges, three times: config, tokenizer, weights) and dequantizing every tensor: 
 the default model. The first run saves what it built, the model as a safetensors folder (read memory-mapped)
 and the tokenizer as its ``tokenizer.json``, in the folder ``dequantized`` beside the result cache
 (``.llmgate/dequantized/<key>-model-<dtype>/`` and ``<key>-tokenizer/`` for the default
-``.llmgate/cache.sqlite``); later runs load those. A run without the result cache (``cache = false``,
-``--llmgate-no-cache``) neither reads nor writes them.
+``.llmgate/cache.sqlite``), or in the work folder's ``dequantized`` when the result cache is off, or in
+``$LLMGATE_DEQUANTIZED_DIR`` when that is set (one folder several projects, CI jobs or a test suite share);
+later runs load those.
 
 The key is the sha256 of the GGUF file's bytes, of the tokenizer and config files transformers reads beside
 it, the versions of transformers and gguf (which do the dequantizing) and the dtype. A changed file is a new
@@ -31,7 +32,19 @@ from typing import Any
 log = logging.getLogger("pytest_llmgate")
 
 FOLDER = "dequantized"  # the folder's name, beside the result cache file
+ENVIRONMENT = "LLMGATE_DEQUANTIZED_DIR"  # a folder to keep them in instead
 COMPLETE = "complete.json"  # written last: a folder without it is not used
+
+
+def dequantized_root(cache_path: Path | None, work_dir: Path) -> Path:
+    """Where a run keeps dequantized copies: ``$LLMGATE_DEQUANTIZED_DIR``, else beside the result cache file
+    (a shared cache folder shares them too), else the work folder's ``dequantized`` (they are files derived from
+    the model's bytes, like the work folder's GGUF files, not results, and save every later start the GGUF parse,
+    10+ s for the default model, also when results are not cached)."""
+    chosen = os.environ.get(ENVIRONMENT, "").strip()
+    if chosen:
+        return Path(chosen).expanduser()
+    return (cache_path.parent if cache_path is not None else work_dir) / FOLDER
 
 
 def dequantized_key(folder: Path, gguf_file: str, digest: Callable[[Path], str]) -> str:
