@@ -518,15 +518,19 @@ def test_arc(llmgate_outcome):
 """
 
 
-def _served_project(pytester: pytest.Pytester, base_url: str, data: Path, task: str, limit: int) -> None:
+def _served_project(
+    pytester: pytest.Pytester, base_url: str, data: Path, task: str, limit: int, extra: str = ""
+) -> None:
     (pytester.path / "pyproject.toml").write_text(
-        SERVED_PROJECT.format(task=task, limit=limit, data=data, base_url=base_url)
+        SERVED_PROJECT.format(task=task, limit=limit, data=data, base_url=base_url) + extra
     )
     pytester.makepyfile(test_bench=SERVED_TESTS)
 
 
 def test_gate_on_a_served_model_with_and_without_xdist(pytester, llama_server, shared_datasets):
-    _served_project(pytester, llama_server.base_url, shared_datasets, "gsm8k", 3)
+    # Two examples instead of five: less than half the prompt for the CPU server to read, the same answer format.
+    two_shot = "\n[tool.llmgate.task.gsm8k]\nnum_fewshot = 2\n"
+    _served_project(pytester, llama_server.base_url, shared_datasets, "gsm8k", 3, extra=two_shot)
     plain = pytester.runpytest("--stage=baseline", "-p", "no:xdist", "--llmgate-report=plain.json")
     assert plain.ret == 0, plain.stdout.str()
     report = json.loads((pytester.path / "plain.json").read_text())
