@@ -226,6 +226,21 @@ class CausalLMOutput:
     cache: Any = None
 
 
+class _Linear(nn.Linear):
+    """``nn.Linear`` whose construction draws no random weights: they come from the file (and drawing them on the
+    meta device imports ``torch._dynamo``, through torch's reference implementations)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class _Embedding(nn.Embedding):
+    """``nn.Embedding`` whose construction draws no random weights (see ``_Linear``)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     """transformers' LlamaRMSNorm: the variance in float32, the normalized states cast back, then the weight."""
 
@@ -244,6 +259,8 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """transformers' default rotary embedding: float32 inverse frequencies, cos and sin cast to the states' dtype."""
+
+    inv_freq: torch.Tensor
 
     def __init__(self, theta: float, dim: int) -> None:
         super().__init__()
@@ -319,10 +336,10 @@ class Attention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
         hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+        self.q_proj = _Linear(hidden, heads * self.head_dim, bias=False)
+        self.k_proj = _Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.v_proj = _Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.o_proj = _Linear(heads * self.head_dim, hidden, bias=False)
 
     def forward(
         self,
@@ -355,9 +372,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: Any) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = _Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = _Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = _Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(functional.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -462,7 +479,7 @@ class NativeLlamaModel(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_tokens = _Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, index) for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -511,7 +528,7 @@ class NativeLlamaForCausalLM(nn.Module):
         # Parameters without storage (the weights are the file's); the rotary buffer is computed, as transformers'.
         with torch.device("meta"):
             self.model = NativeLlamaModel(config)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = _Linear(config.hidden_size, config.vocab_size, bias=False)
         theta = _rope_theta(config.to_dict())
         assert theta is not None
         self.model.rotary_emb = RotaryEmbedding(theta, config.head_dim)
