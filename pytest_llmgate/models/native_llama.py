@@ -166,6 +166,7 @@ def load(folder: Path, dtype: str) -> NativeLlamaForCausalLM | None:
         return None
     model.load_weights(state, _DTYPES[dtype])
     model.generation_config = _generation_config(folder, config)
+    log.info("running %s on the native Llama forward pass (%s)", folder, dtype)
     return model
 
 
