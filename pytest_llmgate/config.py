@@ -117,6 +117,9 @@ class ModelSpec:
     max_length: int | None = None
     transform: Mapping[str, Any] | None = None
     add_bos_token: bool | None = None
+    # transformers: pytest-llmgate's own Llama forward pass (``models/native_llama.py``) where it applies; False:
+    # transformers' model class always.
+    native: bool = True
     # llama_cpp: context window (tokens), CPU threads (default: this process's share of the cores), layers
     # offloaded to a GPU (-1: all; default: all when device is a GPU and llama.cpp was built with GPU support).
     n_ctx: int | None = None
@@ -175,6 +178,7 @@ _MODEL_KEYS = (
     "max_length",
     "transform",
     "add_bos_token",
+    "native",
     *LLAMA_CPP_KEYS,
     *OPENAI_KEYS,
     *PRICE_KEYS,
@@ -211,6 +215,9 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
             f"expected true or false, got {add_bos_token!r} "
             "(leave it out for the tokenizer's own rule, as lm-eval does)",
         )
+    native = raw.get("native", True)
+    if not isinstance(native, bool):
+        raise _fail(f"{where}.native", f"expected true or false, got {native!r}")
     transform = raw.get("transform")
     if transform is not None:
         transform = _transform(_table(transform, f"{where}.transform"), backend, f"{where}.transform")
@@ -255,6 +262,7 @@ def _model_spec(name: str, raw: Any, base: Path) -> ModelSpec:
         max_length=_positive_int(raw.get("max_length"), f"{where}.max_length", allow_none=True),
         transform=transform,
         add_bos_token=add_bos_token,
+        native=native,
         n_ctx=_positive_int(raw.get("n_ctx"), f"{where}.n_ctx", allow_none=True),
         n_threads=_positive_int(raw.get("n_threads"), f"{where}.n_threads", allow_none=True),
         n_gpu_layers=n_gpu_layers,

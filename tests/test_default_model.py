@@ -86,6 +86,9 @@ def test_without_the_result_cache_the_dequantized_copy_is_kept_in_the_work_folde
     text = second.stdout.str()
     assert "reading the dequantized GGUF model-float32 from" in text
     assert "reading the dequantized GGUF tokenizer from" in text
+    # The copy runs on the native Llama (the first run read the GGUF file with transformers): the same scores.
+    assert "on the native Llama forward pass (float32)" in text
+    assert "native Llama" not in first.stdout.str()
     reports = [json.loads((pytester.path / name).read_text()) for name in ("first.json", "second.json")]
     scores = [r["items"][0]["baseline"]["loglikelihoods"] for r in reports]
     assert scores[0] == scores[1]

@@ -94,7 +94,9 @@ def run(folder: Path, extra: list[str]) -> dict[str, float]:
         with sqlite3.connect(results) as connection:
             connection.execute("DELETE FROM results")
     out = folder / "marks.json"
-    env = {**os.environ, "FIRST_FORWARD_OUT": str(out), "PYTHONPATH": str(folder)}
+    # An inherited PYTHONPATH stays after the project folder: a checkout other than the installed one is measured.
+    paths = [str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "FIRST_FORWARD_OUT": str(out), "PYTHONPATH": os.pathsep.join(paths)}
     start = time.time()
     subprocess.run(
         [

@@ -289,7 +289,7 @@ class ModelPool:
     each backend that changes them gets its own copy. A new run starts with an empty pool.
     """
 
-    pristine: dict[tuple[str, str | None, str, str | None], Any] = field(default_factory=dict)
+    pristine: dict[tuple[str, str | None, str, str | None, bool], Any] = field(default_factory=dict)
     tokenizers: dict[tuple[str, str | None], Any] = field(default_factory=dict)
 
     def clear(self) -> None:

@@ -18,7 +18,7 @@ no row's cache ever holds the prefix; a prefill pass materializes its scores (qu
 ``Decoder`` bounds by cutting the passes (``generation.PREFIX_SCORES_BYTES``). It applies to models on transformers'
 "sdpa" attention whose cache layers are plain ``DynamicLayer`` s (``Decoder`` checks both): within
 :func:`prefix_attention` the model's config names this module's attention function, which is SDPA's own whenever no
-prefix is passed.
+prefix is passed. The native Llama (``native_llama``) calls :func:`attention` itself when a prefix is passed.
 """
 
 from __future__ import annotations
@@ -105,7 +105,12 @@ def _register() -> None:
 @contextmanager
 def prefix_attention(model: Any) -> Iterator[bool]:
     """Within: ``model`` attends through :func:`attention` and yields True, when it runs on SDPA attention;
-    otherwise nothing changes and it yields False."""
+    otherwise nothing changes and it yields False. A model that calls :func:`attention` itself for ``shared_prefix``
+    (``native_llama``, flagged ``attends_shared_prefix``) needs no switch, and transformers' attention registry is
+    not imported for it."""
+    if getattr(model, "attends_shared_prefix", False):
+        yield True
+        return
     config = model.config
     if getattr(config, "_attn_implementation", None) != "sdpa":
         yield False

@@ -67,22 +67,33 @@ def _pretrained(
     private: bool,
     pool: ModelPool | None = None,
     saved: tuple[Path, str] | None = None,
+    native: bool = False,
 ) -> Any:
     """The model read from ``folder``, once per pool. ``private``: a copy the caller may change (a transform,
     a move to a GPU); otherwise the pool's shared copy itself, which saves the memory of a second copy when
-    the model is evaluated as it is on the CPU."""
+    the model is evaluated as it is on the CPU. ``native``: read a local safetensors folder (the GGUF's dequantized
+    copy too) with ``native_llama`` when it computes that model as transformers does (transformers' class when not).
+    """
     import copy
-
-    import transformers
 
     from . import dequantized
 
-    key = (str(folder), gguf_file, dtype, revision)
+    key = (str(folder), gguf_file, dtype, revision, native)
     pristine = pool.pristine if pool is not None else {}
     if key not in pristine:
         part = f"model-{dtype}"
         kept = dequantized.cached_folder(*saved, part) if saved and gguf_file else None
-        model: Any
+        model: Any = None
+        local = kept if kept is not None else folder if gguf_file is None and revision is None else None
+        if native and local is not None and local.is_dir():
+            from . import native_llama
+
+            model = native_llama.load(local, dtype)
+        if model is not None:
+            pristine[key] = model
+            return copy.deepcopy(model) if private else model
+        import transformers
+
         if kept is not None:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(kept), dtype=_torch_dtype(dtype))
         else:
@@ -180,6 +191,9 @@ class TransformersBackend:
             else:
                 # Evaluated as it is on the CPU, the model is never changed: no copy needed.
                 changes = spec.transform is not None and spec.transform["method"] != "gguf"
+                # The native Llama only where its equality with transformers is tested: the model as it is read,
+                # on the CPU (no GPU path was proven); ``native = false`` keeps transformers' class always.
+                native = spec.native and spec.backend == "transformers" and spec.transform is None and device == "cpu"
                 model = _pretrained(
                     folder,
                     gguf_file,
@@ -188,6 +202,7 @@ class TransformersBackend:
                     private=changes or device != "cpu",
                     pool=pool,
                     saved=saved((folder, gguf_file)),
+                    native=native,
                 )
         except ModelLoadError:
             raise
