@@ -231,11 +231,12 @@ def test_native_is_a_validated_model_key() -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def smollm2_pair(tmp_path_factory: pytest.TempPathFactory, dequantized_dir: Path) -> Any:
     """(transformers backend, native backend, dequantized folder root) on the default model, float32, CPU."""
-    root = tmp_path_factory.mktemp("cache") / "dequantized"
+    root = dequantized_dir  # the session's (conftest.py)
     work = tmp_path_factory.mktemp("work")
-    # The first load reads the GGUF file (transformers) and writes the copy; the reference then reads the copy too.
+    # The first load reads the GGUF file (transformers) and writes the copy unless an earlier test did; the reference
+    # then reads the copy too.
     load_backend(ModelSpec(name="smollm2", native=False), device="cpu", work_dir=work, fingerprint="f",
                  dequantized_dir=root).close()
     reference = load_backend(ModelSpec(name="smollm2", native=False), device="cpu", work_dir=work, fingerprint="f",
