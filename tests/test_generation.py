@@ -544,7 +544,18 @@ def smollm2(tmp_path_factory, dequantized_dir):
     backend.close()
 
 
-def test_smollm2_batched_greedy_equals_generate_on_real_gsm8k_prompts(smollm2, shared_datasets):
+@pytest.fixture(scope="module")
+def smollm2_transformers(tmp_path_factory, dequantized_dir):
+    """The default model in transformers' own class (``native = false``): its ``generate`` is the reference."""
+    spec = ModelSpec(name="smollm2", native=False)
+    backend = load_backend(spec, device="cpu", work_dir=tmp_path_factory.mktemp("work"),
+                           fingerprint=model_fingerprint(spec), dequantized_dir=dequantized_dir)
+    assert type(backend.model) is transformers.LlamaForCausalLM
+    yield backend
+    backend.close()
+
+
+def test_smollm2_batched_greedy_equals_generate_on_real_gsm8k_prompts(smollm2, smollm2_transformers, shared_datasets):
     task = TASKS["gsm8k"].configured(TaskOptions(num_fewshot=1))  # real prompts, short enough for a unit test
     items, _ = task.load(shared_datasets, limit=2)
     requests = [replace(item.requests[0], max_gen_toks=32) for item in items]
@@ -554,7 +565,7 @@ def test_smollm2_batched_greedy_equals_generate_on_real_gsm8k_prompts(smollm2, s
     for request, completions in zip(requests, ours, strict=True):
         ids = torch.tensor([tokenizer(request.context)["input_ids"]])
         with torch.inference_mode():
-            out = smollm2.model.generate(input_ids=ids, max_new_tokens=32, do_sample=False,
+            out = smollm2_transformers.model.generate(input_ids=ids, max_new_tokens=32, do_sample=False,
                                          pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         assert completions == [cut_at_stops(text, (*request.until, "<|im_end|>"))]
