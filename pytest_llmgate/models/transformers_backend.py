@@ -81,36 +81,48 @@ def _pretrained(
     key = (str(folder), gguf_file, dtype, revision, native)
     pristine = pool.pristine if pool is not None else {}
     if key not in pristine:
-        part = f"model-{dtype}"
-        kept = dequantized.cached_folder(*saved, part) if saved and gguf_file else None
-        model: Any = None
+        kept = dequantized.cached_folder(*saved, f"model-{dtype}") if saved and gguf_file else None
         local = kept if kept is not None else folder if gguf_file is None and revision is None else None
+        model: Any = None
         if native and local is not None and local.is_dir():
             from . import native_llama
 
             model = native_llama.load(local, dtype)
-        if model is not None:
-            pristine[key] = model
-            return copy.deepcopy(model) if private else model
-        import transformers
-
-        if kept is not None:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(kept), dtype=_torch_dtype(dtype))
-        else:
-            kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-            if revision:
-                kwargs["revision"] = revision
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=_torch_dtype(dtype), **kwargs)
-        if gguf_file and kept is None:
-            # GGUF weights are dequantized on load: the model is dense, not "quantized" any more,
-            # and transforms (.float(), save_pretrained) must be allowed on it.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            if saved:
-                dequantized.save_folder(*saved, part, dequantized.save_model(model))
-        pristine[key] = model
+        pristine[key] = (
+            model if model is not None else _transformers_model(folder, gguf_file, dtype, revision, kept, saved)
+        )
     return copy.deepcopy(pristine[key]) if private else pristine[key]
+
+
+def _transformers_model(
+    folder: Path,
+    gguf_file: str | None,
+    dtype: str,
+    revision: str | None,
+    kept: Path | None,
+    saved: tuple[Path, str] | None,
+) -> Any:
+    """transformers' model class for ``folder`` (``kept``: the GGUF's dequantized copy, read instead when there;
+    written to ``saved`` after a GGUF file is read)."""
+    import transformers
+
+    from . import dequantized
+
+    if kept is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(str(kept), dtype=_torch_dtype(dtype))
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    if revision:
+        kwargs["revision"] = revision
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=_torch_dtype(dtype), **kwargs)
+    if gguf_file:
+        # GGUF weights are dequantized on load: the model is dense, not "quantized" any more,
+        # and transforms (.float(), save_pretrained) must be allowed on it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if saved:
+            dequantized.save_folder(*saved, f"model-{dtype}", dequantized.save_model(model))
+    return model
 
 
 # Contexts longer than this (median, after the prefix all of a call's contexts share) go through the key/value
