@@ -30,7 +30,9 @@ def run_benchmarks(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess[st
         "--llmgate-limit=3",
         *args,
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # Not an xdist worker's environment (pytest-benchmark would take the child for one and time nothing).
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST_")}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert report.is_file(), result.stdout + result.stderr
     return result, json.loads(report.read_text())
 

@@ -290,7 +290,7 @@ class ModelPool:
     """
 
     pristine: dict[tuple[str, str | None, str, str | None, bool], Any] = field(default_factory=dict)
-    tokenizers: dict[tuple[str, str | None], Any] = field(default_factory=dict)
+    tokenizers: dict[tuple[str, str | None, bool], Any] = field(default_factory=dict)
 
     def clear(self) -> None:
         """Drop the pristine models (tokenizers are small and stay)."""

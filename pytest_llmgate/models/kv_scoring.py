@@ -88,9 +88,9 @@ class DecoderScorer:
         import torch
 
         self.torch = torch
+        self.model = model
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
-        self.config = model.config
         self.device = device
         self.dtype = next(model.parameters()).dtype
         # Rows and cached tokens (rows x length) per pass: bounds peak memory, backs off on out-of-memory.
@@ -98,6 +98,11 @@ class DecoderScorer:
         # transformers renamed ``past_key_values`` to ``cache`` in 5.x; accept either.
         parameters = inspect.signature(self.decoder.forward).parameters
         self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+
+    @property
+    def config(self) -> Any:
+        """The model's transformers configuration, read when a cache is built (``native_llama`` builds it then)."""
+        return self.model.config
 
     def _run(self, ids: Any, mask: Any, positions: Any, past: list[tuple[Any, Any]] | None) -> tuple[Any, Any]:
         cache = layered_cache(self.config, past or ())

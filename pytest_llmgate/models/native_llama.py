@@ -31,6 +31,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +154,11 @@ def load(folder: Path, dtype: str) -> NativeLlamaForCausalLM | None:
     if reason is not None:
         log.info("transformers' model class for %s: %s", folder, reason)
         return None
-    config = light_config(raw)
-    model = NativeLlamaForCausalLM(config)
+    settings = Settings(raw)
+    model = NativeLlamaForCausalLM(settings, folder)
     state = _read_weights(files)
     expected = set(model.state_dict())
-    if config.tie_word_embeddings:
+    if settings.tie_word_embeddings:
         expected.discard("lm_head.weight")
         state.pop("lm_head.weight", None)  # transformers ties it, whatever the file holds
     if set(state) != expected:
@@ -165,22 +166,51 @@ def load(folder: Path, dtype: str) -> NativeLlamaForCausalLM | None:
         log.info("transformers' model class for %s: weights %s unexpected, %s missing", folder, extra[:3], lacking[:3])
         return None
     model.load_weights(state, _DTYPES[dtype])
-    model.generation_config = _generation_config(folder, config)
     log.info("running %s on the native Llama forward pass (%s)", folder, dtype)
     return model
 
 
-def light_config(raw: Mapping[str, Any]) -> Any:
-    """``raw`` as transformers' base ``PreTrainedConfig`` with LlamaConfig's defaults (importing LlamaConfig itself
-    imports ``transformers.activations`` and with it ``torch.distributed``): what ``DynamicCache(config=...)`` and
-    the backend read, with SDPA attention."""
-    from transformers.configuration_utils import PreTrainedConfig
-
+def _values(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json's ``raw`` values with LlamaConfig's defaults and derived sizes filled in."""
     values = {**_LLAMA_DEFAULTS, **raw}
     if values["head_dim"] is None:
         values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
     if values["num_key_value_heads"] is None:
         values["num_key_value_heads"] = values["num_attention_heads"]
+    return values
+
+
+class Settings:
+    """The model's settings as attributes (config.json with LlamaConfig's defaults): what the modules read, without
+    importing transformers (its package import alone is about 0.6 s of start-up on a small CPU)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    pad_token_id: int | None
+    tie_word_embeddings: bool
+    use_cache: bool
+
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        self._values = _values(raw)
+        self.__dict__.update(self._values)  # every key, the typed ones above among them
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def light_config(raw: Mapping[str, Any]) -> Any:
+    """``raw`` as transformers' base ``PreTrainedConfig`` with LlamaConfig's defaults (importing LlamaConfig itself
+    imports ``transformers.activations`` and with it ``torch.distributed``): what ``DynamicCache(config=...)`` and
+    the key/value scorer and decoder read, with SDPA attention. Built when first asked for (``model.config``)."""
+    from transformers.configuration_utils import PreTrainedConfig
+
+    values = _values(raw)
     config = PreTrainedConfig.from_dict(values)
     for key, value in values.items():  # the base class keeps some keys (tie_word_embeddings...) its own way
         if getattr(config, key, None) != value:
@@ -189,12 +219,12 @@ def light_config(raw: Mapping[str, Any]) -> Any:
     return config
 
 
-def _generation_config(folder: Path, config: Any) -> Any:
+def _generation_config(folder: Path | None, config: Any) -> Any:
     """What ``from_pretrained`` sets as ``generation_config``: the folder's generation_config.json, else the
     config's."""
     from transformers.generation.configuration_utils import GenerationConfig
 
-    if (folder / "generation_config.json").is_file():
+    if folder is not None and (folder / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(str(folder))
     return GenerationConfig.from_model_config(config)
 
@@ -477,12 +507,17 @@ class NativeLlamaModel(nn.Module):
 
     rotary_emb: RotaryEmbedding  # set by NativeLlamaForCausalLM, outside the meta device
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Settings) -> None:
         super().__init__()
-        self.config = config
+        self.settings = config
         self.embed_tokens = _Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, index) for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @cached_property
+    def config(self) -> Any:
+        """transformers' configuration (``light_config``) of these settings, built on first use."""
+        return light_config(self.settings.to_dict())
 
     def forward(
         self,
@@ -500,7 +535,7 @@ class NativeLlamaModel(nn.Module):
             inputs_embeds = self.embed_tokens(input_ids)
         assert inputs_embeds is not None
         if use_cache is None:
-            use_cache = bool(self.config.use_cache)
+            use_cache = bool(self.settings.use_cache)
         if use_cache and cache is None:
             from transformers.cache_utils import DynamicCache
 
@@ -522,10 +557,10 @@ class NativeLlamaForCausalLM(nn.Module):
     # ``prefix_attention.prefix_attention``: the attention layers call its ``attention`` for ``shared_prefix``.
     attends_shared_prefix = True
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Settings, folder: Path | None = None) -> None:
         super().__init__()
-        self.config = config
-        self.generation_config: Any = None
+        self.settings = config
+        self.folder = folder
         # Parameters without storage (the weights are the file's); the rotary buffer is computed, as transformers'.
         with torch.device("meta"):
             self.model = NativeLlamaModel(config)
@@ -538,9 +573,21 @@ class NativeLlamaForCausalLM(nn.Module):
         """Take ``state``'s tensors as the parameters (no copy when they are already in ``dtype``)."""
         converted = {name: tensor if tensor.dtype == dtype else tensor.to(dtype) for name, tensor in state.items()}
         self.load_state_dict(converted, strict=False, assign=True)
-        if self.config.tie_word_embeddings:
+        if self.settings.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.requires_grad_(False)
+
+    @property
+    def config(self) -> Any:
+        """transformers' configuration of the model (``light_config``), built on first use: the key/value scorer
+        and the decoder hand it to ``DynamicCache``; a 0-shot run never asks for it."""
+        return self.model.config
+
+    @cached_property
+    def generation_config(self) -> Any:
+        """What ``from_pretrained`` sets: the folder's generation_config.json, else the config's (built on first
+        use, as transformers' ``GenerationConfig``)."""
+        return _generation_config(self.folder, self.config)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -36,18 +36,29 @@ def _torch_dtype(name: str) -> Any:
 
 
 def _tokenizer(
-    folder: Path, gguf_file: str | None, pool: ModelPool | None = None, saved: tuple[Path, str] | None = None
+    folder: Path,
+    gguf_file: str | None,
+    pool: ModelPool | None = None,
+    saved: tuple[Path, str] | None = None,
+    light: bool = False,
 ) -> Any:
     """The tokenizer of ``folder`` (or of its GGUF file), read once per pool. ``saved``: (folder, key) of the
-    GGUF's dequantized copy (``dequantized``), read instead of the GGUF file when there, written when not."""
-    import transformers
+    GGUF's dequantized copy (``dequantized``), read instead of the GGUF file when there, written when not.
+    ``light``: a local folder transformers would read as its tokenizer.json is read without transformers
+    (``light_tokenizer``)."""
+    from . import dequantized, light_tokenizer
 
-    from . import dequantized
-
-    key = (str(folder), gguf_file)
+    key = (str(folder), gguf_file, light)
     tokenizers = pool.tokenizers if pool is not None else {}
     if key not in tokenizers:
         kept = dequantized.cached_folder(*saved, "tokenizer") if saved and gguf_file else None
+        local = kept if kept is not None else (folder if gguf_file is None and folder.is_dir() else None)
+        found = light_tokenizer.load(local) if light and local is not None else None
+        if found is not None:
+            tokenizers[key] = found
+            return found
+        import transformers
+
         if kept is not None:
             tokenizers[key] = transformers.AutoTokenizer.from_pretrained(str(kept))
         else:
@@ -195,7 +206,8 @@ class TransformersBackend:
             return dequantized_dir, dequantized_key(source[0], gguf, digest)
 
         try:
-            self.tokenizer = _tokenizer(*tokenizer_source, pool=pool, saved=saved(tokenizer_source))
+            # ``native``: the tokenizer without transformers too, where it reads as transformers reads it.
+            self.tokenizer = _tokenizer(*tokenizer_source, pool=pool, saved=saved(tokenizer_source), light=spec.native)
             if spec.backend == "vptq":
                 from .quantize import load_vptq_model
 
@@ -224,7 +236,8 @@ class TransformersBackend:
             ) from error
         model = self._apply_transform(model, work_dir / "models" / fingerprint)
         self.model = model.to(device).eval()
-        config = self.model.config
+        # A native model's own settings: its transformers configuration is built only when a cache needs it.
+        config = getattr(self.model, "settings", None) or self.model.config
         self.max_length = spec.max_length or next(
             (
                 getattr(config, a)
