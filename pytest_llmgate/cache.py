@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +26,48 @@ FIX_HINT = "delete or move it, point --llmgate-cache at another file, or run wit
 
 class CacheError(Exception):
     """The result cache cannot be used; the message names the file and the fix."""
+
+
+# A file's memoised digest holds only if it was not changed while hashed nor shortly before (a second change within
+# the same timestamp tick would keep its ctime): above the timestamp granularity of common file systems (1 s on some).
+RACY_NS = 2_000_000_000
+
+
+def _memoisable(path: Path, identity: tuple[int, ...]) -> bool:
+    return file_stamp(path) == identity and time.time_ns() - identity[4] > RACY_NS
+
+
+def digest_without_cache(path: Path, memo_file: Path) -> str:
+    """sha256 of a file, memoised in ``memo_file`` (JSON) by the same identity as :meth:`ResultCache.file_digest`:
+    with the result cache off, the model's weights are still hashed once, not on every start.
+
+    The memo is derived data like the dequantized copies beside it: an unreadable one is ignored and rewritten, one
+    that cannot be written only costs the next run the hashing; two processes writing at once lose an entry at worst
+    (written to a temporary name, then renamed).
+    """
+    resolved = str(path.resolve())
+    identity = file_stamp(path)
+    try:
+        memo = json.loads(memo_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    if not isinstance(memo, dict):
+        memo = {}
+    entry = memo.get(resolved)
+    if isinstance(entry, dict) and entry.get("stamp") == list(identity) and isinstance(entry.get("sha256"), str):
+        return str(entry["sha256"])
+    digest = file_sha256(path)
+    if _memoisable(path, identity):
+        memo[resolved] = {"stamp": list(identity), "sha256": digest}
+        temporary = memo_file.with_name(f".{memo_file.name}.{os.getpid()}")
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(memo, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(temporary, memo_file)
+        except OSError:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+    return digest
 
 
 def result_key(
@@ -220,7 +263,6 @@ class ResultCache:
         less than two seconds before (a second change within the same timestamp tick would keep its ctime),
         is hashed but not memoised.
         """
-        racy_ns = 2_000_000_000  # above the timestamp granularity of common file systems (1 s on some)
         resolved = str(path.resolve())
         identity = file_stamp(path)  # (device, inode, size, mtime, ctime)
         self._follow_file()
@@ -240,7 +282,7 @@ class ResultCache:
         if row:
             return str(row[0])
         digest = file_sha256(path)
-        if file_stamp(path) == identity and time.time_ns() - identity[4] > racy_ns:
+        if _memoisable(path, identity):
             self._insert(
                 "INSERT OR REPLACE INTO file_digests_v2 VALUES (?, ?, ?, ?, ?, ?, ?)", [(resolved, *identity, digest)]
             )

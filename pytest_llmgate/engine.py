@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cache import CacheError, ResultCache, result_key
+from .cache import CacheError, ResultCache, digest_without_cache, result_key
 from .config import ModelSpec
 from .models import (
     GENERATION_VERSION,
     Backend,
     ModelPool,
-    file_sha256,
     load_backend,
     model_fingerprint,
     pick_device,
@@ -32,6 +31,8 @@ from .tasks.base import GenerationRequest, Request, TaskItem
 
 REQUEST_PARAMS = {"type": "loglikelihood"}
 GENERATION_PARAMS = {"type": "generate", "version": GENERATION_VERSION}
+# With the result cache off, model files' digests are memoised here, in the work folder (``digest_without_cache``).
+DIGEST_MEMO = "file-digests.json"
 
 
 class ShardError(Exception):
@@ -113,13 +114,14 @@ class Engine:
         return self._fingerprints[role]
 
     def _file_digest(self, path: Path) -> str:
-        """sha256 of a file, memoised in the result cache when there is one (``ResultCache.file_digest``)."""
+        """sha256 of a file, memoised in the result cache when there is one (``ResultCache.file_digest``), else in
+        the work folder's ``file-digests.json``."""
         if self.cache is not None:
             try:
                 return self.cache.file_digest(path)
             except CacheError as error:
                 self._drop_cache(error)
-        return file_sha256(path)
+        return digest_without_cache(path, self.work_dir / DIGEST_MEMO)
 
     def backend(self, role: str) -> Backend:
         """The loaded model of ``role``; loaded at most once per process (per fingerprint)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import sqlite3
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATASETS
-from pytest_llmgate.cache import ResultCache, result_key
+from pytest_llmgate import cache as cache_module
+from pytest_llmgate.cache import ResultCache, digest_without_cache, result_key
 from pytest_llmgate.config import ModelSpec
 from pytest_llmgate.models import model_fingerprint
 
@@ -37,6 +39,37 @@ def test_round_trip_and_file_digest_memo(tmp_path):
     assert cache.file_digest(weights) == first
     weights.write_bytes(b"a" * 99 + b"b")
     assert cache.file_digest(weights) != first
+
+
+def test_without_the_cache_file_digests_are_memoised_in_a_file(tmp_path, monkeypatch):
+    hashed = []
+    real = cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setattr(cache_module, "RACY_NS", 0)  # the files here were written just now
+    memo = tmp_path / "work" / "file-digests.json"
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"a" * 100)
+    first = digest_without_cache(weights, memo)
+    assert first == real(weights) and digest_without_cache(weights, memo) == first
+    assert hashed == [weights]  # the second call read the memo
+    assert list(json.loads(memo.read_text())) == [str(weights.resolve())]
+    weights.write_bytes(b"a" * 99 + b"b")  # same size: the stamp (mtime, ctime) still tells
+    assert digest_without_cache(weights, memo) == real(weights) != first
+    memo.write_text("{not json")  # an unreadable memo is ignored and rewritten
+    assert digest_without_cache(weights, memo) == real(weights)
+    assert json.loads(memo.read_text())[str(weights.resolve())]["sha256"] == real(weights)
+    blocked = tmp_path / "a-file" / "file-digests.json"  # a memo that cannot be written only costs the hashing
+    blocked.parent.write_text("")
+    assert digest_without_cache(weights, blocked) == real(weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "w.bin", "work"]
+
+
+def test_a_file_changed_just_now_is_hashed_but_not_memoised(tmp_path):
+    memo = tmp_path / "file-digests.json"
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"fresh")
+    assert digest_without_cache(weights, memo) == cache_module.file_sha256(weights)
+    assert not memo.exists()
 
 
 def _writer(path: str, worker: int) -> None:

@@ -82,6 +82,9 @@ def test_without_the_result_cache_the_dequantized_copy_is_kept_in_the_work_folde
     assert complete == ["float32", "tokenizer"], sorted(root.iterdir())
     assert "reading the dequantized GGUF" not in first.stdout.str()
     assert not (pytester.path / ".llmgate" / "cache.sqlite").exists()
+    # The model file's sha256 (its fingerprint, the copy's key) is memoised in the work folder: hashed once.
+    memo = json.loads((pytester.path / ".llmgate" / "file-digests.json").read_text())
+    assert [Path(p).name for p in memo] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
 
     second = pytester.runpytest_subprocess(*args, "--llmgate-report=second.json")
     assert second.ret == 0, second.stdout.str()
@@ -94,3 +97,4 @@ def test_without_the_result_cache_the_dequantized_copy_is_kept_in_the_work_folde
     reports = [json.loads((pytester.path / name).read_text()) for name in ("first.json", "second.json")]
     scores = [r["items"][0]["baseline"]["loglikelihoods"] for r in reports]
     assert scores[0] == scores[1]
+    assert reports[0]["models"]["baseline"]["fingerprint"] == reports[1]["models"]["baseline"]["fingerprint"]
