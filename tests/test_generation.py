@@ -561,7 +561,7 @@ def test_smollm2_batched_greedy_equals_generate_on_real_gsm8k_prompts(smollm2, s
     requests = [replace(item.requests[0], max_gen_toks=32) for item in items]
     assert len({len(r.context) for r in requests}) == 2
     ours = smollm2.generate(requests)  # one left-padded batch of two
-    tokenizer = smollm2.tokenizer
+    tokenizer = smollm2_transformers.tokenizer  # transformers' own (ours may be the light one, native = true)
     for request, completions in zip(requests, ours, strict=True):
         ids = torch.tensor([tokenizer(request.context)["input_ids"]])
         with torch.inference_mode():
