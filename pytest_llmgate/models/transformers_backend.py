@@ -35,6 +35,15 @@ def _torch_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, _DTYPES[name])
 
 
+def _local_folder(folder: Path, gguf_file: str | None, kept: Path | None, revision: str | None = None) -> Path | None:
+    """The folder on disk that pytest-llmgate's own readers (``native_llama``, ``light_tokenizer``) may read instead of
+    transformers: the GGUF's dequantized copy when there is one, else ``folder`` itself when it is a local folder
+    without a GGUF file or a hub revision; None otherwise."""
+    if kept is not None:
+        return kept
+    return folder if gguf_file is None and revision is None and folder.is_dir() else None
+
+
 def _tokenizer(
     folder: Path,
     gguf_file: str | None,
@@ -52,7 +61,7 @@ def _tokenizer(
     tokenizers = pool.tokenizers if pool is not None else {}
     if key not in tokenizers:
         kept = dequantized.cached_folder(*saved, "tokenizer") if saved and gguf_file else None
-        local = kept if kept is not None else (folder if gguf_file is None and folder.is_dir() else None)
+        local = _local_folder(folder, gguf_file, kept)
         found = light_tokenizer.load(local) if light and local is not None else None
         if found is not None:
             tokenizers[key] = found
@@ -93,9 +102,9 @@ def _pretrained(
     pristine = pool.pristine if pool is not None else {}
     if key not in pristine:
         kept = dequantized.cached_folder(*saved, f"model-{dtype}") if saved and gguf_file else None
-        local = kept if kept is not None else folder if gguf_file is None and revision is None else None
+        local = _local_folder(folder, gguf_file, kept, revision)
         model: Any = None
-        if native and local is not None and local.is_dir():
+        if native and local is not None:
             from . import native_llama
 
             model = native_llama.load(local, dtype)
