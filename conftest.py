@@ -50,23 +50,28 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def gguf_ladder(tmp_path_factory: pytest.TempPathFactory):
-    """``into(project, *kinds)``: the default model's GGUF files of those types (``F16``, ``Q8_0``, ...) where a gate
-    run in ``project`` finds them (``.llmgate/gguf/<source hash>/``), built once per session with llama.cpp's
-    quantizer and hard-linked there, instead of every test's run building them again (10-20 s a file)."""
+    """``into(work_dir, *kinds)``: the default model's GGUF files of those types (``F16``, ``Q8_0``, ...) where
+    ``quantized_gguf`` (and so a gate run whose work folder is ``work_dir``, a project's ``.llmgate``) finds them
+    (``gguf/<source hash>/``), built once per session by ``quantized_gguf`` itself (the F16 file with the gguf
+    package, the others with llama.cpp's quantizer) and hard-linked there (copied across file systems), instead of
+    every test building them again (F16 17 s, each quantized file 7-8 s on a 2-core machine)."""
     built = tmp_path_factory.mktemp("gguf-ladder")
 
-    def into(project: Path, *kinds: str) -> None:
+    def into(work_dir: Path, *kinds: str) -> None:
         from pytest_llmgate.models import builtin_smollm2
         from pytest_llmgate.models.gguf_files import quantized_gguf
 
         folder, name = builtin_smollm2()
         for kind in kinds:
             made = quantized_gguf(folder / name, kind, built, threads=2)
-            target = project / ".llmgate" / "gguf" / made.path.parent.name
+            target = work_dir / "gguf" / made.path.parent.name
             target.mkdir(parents=True, exist_ok=True)
             for source in (made.path, made.path.with_suffix(".json")):
                 if not (target / source.name).exists():
-                    os.link(source, target / source.name)
+                    try:
+                        os.link(source, target / source.name)
+                    except OSError:
+                        shutil.copy2(source, target / source.name)
 
     return into
 

@@ -37,7 +37,10 @@ def run_benchmarks(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess[st
     return result, json.loads(report.read_text())
 
 
-def test_demo_config_baseline_then_int8_on_smollm2(tmp_path):
+def test_demo_config_baseline_then_int8_on_smollm2(tmp_path, gguf_ladder):
+    # The int8 stage's Q8_0 file and its F16 speed reference, as the demo's first run builds them into the
+    # repository's .llmgate/ (here: the session's files, built once by the same quantized_gguf, conftest.py).
+    gguf_ladder(ROOT / ".llmgate", "F16", "Q8_0")
     baseline, report = run_benchmarks(tmp_path, "--stage=baseline")
     assert baseline.returncode == 0, baseline.stdout
     assert report["verdict"] == "baseline-recorded" and report["models"]["baseline"]["evaluated"] == 6

@@ -23,8 +23,12 @@ SPEC = ModelSpec(name="smollm2", backend="llama_cpp")
 
 
 @pytest.fixture(scope="module")
-def work_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("llama-work")
+def work_dir(tmp_path_factory, gguf_ladder) -> Path:
+    """A work folder holding the session's F16, Q8_0 and Q4_K_M files (built once by ``quantized_gguf``,
+    conftest.py): the tests below read them as a gate run reads its work folder's files."""
+    work = tmp_path_factory.mktemp("llama-work")
+    gguf_ladder(work, "F16", "Q8_0", "Q4_K_M")
+    return work
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +235,7 @@ def test_hellaswag(llmgate_outcome):
 
 def test_gguf_ladder_end_to_end_with_and_without_xdist(pytester, shared_datasets, monkeypatch, gguf_ladder):
     (pytester.path / "pyproject.toml").write_text(GGUF_LADDER.format(data=shared_datasets))
-    gguf_ladder(pytester.path, "F16", "Q8_0", "Q4_K_M")  # built once per session (conftest.py)
+    gguf_ladder(pytester.path / ".llmgate", "F16", "Q8_0", "Q4_K_M")  # built once per session (conftest.py)
     pytester.makepyfile(test_bench=HELLASWAG_TEST)
     # Imported before the in-process run: pytester drops the modules a run imports when it ends.
     from mlflow.tracking import MlflowClient

@@ -55,10 +55,11 @@ def test_served_and_custom_models_have_no_size_and_ratios_skip_them(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["Q8_0"])
-def test_ladder_file_size_matches_the_quantizer_summary(tmp_path, kind):
+def test_ladder_file_size_matches_the_quantizer_summary(tmp_path, kind, gguf_ladder):
     from pytest_llmgate.models.gguf_files import quantized_gguf
 
     folder, name = builtin_smollm2()
+    gguf_ladder(tmp_path, kind)  # the session's file, built once by quantized_gguf (conftest.py)
     made = quantized_gguf(folder / name, kind, tmp_path, threads=2)
     size = model_size(
         ModelSpec(name="m", backend="llama_cpp", transform={"method": "gguf", "type": kind}), tmp_path, "x"

@@ -89,7 +89,7 @@ def ladder(pytester, shared_datasets, gguf_ladder):
         (pytester.path / "pyproject.toml").write_text(LADDER.format(data=shared_datasets, extra=extra, price=price))
 
     write()
-    gguf_ladder(pytester.path, "F16", "Q8_0", "Q4_0")  # built once per session (conftest.py)
+    gguf_ladder(pytester.path / ".llmgate", "F16", "Q8_0", "Q4_0")  # built once per session (conftest.py)
     pytester.makepyfile(test_bench=TESTS)
     return write
 
