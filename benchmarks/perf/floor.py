@@ -20,6 +20,7 @@ irreducible forward passes. Run it in the same session as the wall times it is c
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,13 +84,17 @@ def measure_floor(backend: Any, shards: Sequence[Sequence[Sequence[Any]]]) -> Fl
         prepared.append((list(contexts[0][:shared]), pack([item_rows(item, shared) for item in items])))
     tokens = scored_total = passes = 0
     seconds = 0.0
+    # The decoder's cache argument and output: ``cache`` on the native Llama (as transformers 5 names it in its
+    # model signatures), ``past_key_values`` on transformers' classes.
+    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     with torch.inference_mode():
         for prefix, rows in prepared:
             start = time.perf_counter()
             past = None
             if prefix:
                 out = decoder(input_ids=torch.tensor([prefix]), use_cache=True)
-                past = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                prefix_cache = out.cache if cache_arg == "cache" else out.past_key_values
+                past = [(layer.keys, layer.values) for layer in prefix_cache.layers]
             begin = 0
             while begin < len(rows):
                 count = sizer.take([len(r[0]) for r in rows[begin : begin + sizer.rows]])
@@ -104,7 +109,7 @@ def measure_floor(backend: Any, shards: Sequence[Sequence[Sequence[Any]]]) -> Fl
                         model.config,
                         [(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in past],
                     )
-                    kwargs = {"past_key_values": cache, "use_cache": True}
+                    kwargs = {cache_arg: cache, "use_cache": True}
                 positions = (len(prefix) + torch.arange(width))[None].expand(len(batch), -1)
                 # No mask: plain causal attention, the cheapest form (padding only at the end of the last rows).
                 hidden = decoder(input_ids=ids, position_ids=positions, **kwargs).last_hidden_state
