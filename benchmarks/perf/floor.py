@@ -20,7 +20,6 @@ irreducible forward passes. Run it in the same session as the wall times it is c
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ def measure_floor(backend: Any, shards: Sequence[Sequence[Sequence[Any]]]) -> Fl
     import torch
 
     from pytest_llmgate.models.batching import BatchSizer
-    from pytest_llmgate.models.kv_scoring import layered_cache, shared_prefix
+    from pytest_llmgate.models.kv_scoring import cache_argument, layered_cache, returned_cache, shared_prefix
 
     model = backend.model
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -84,17 +83,14 @@ def measure_floor(backend: Any, shards: Sequence[Sequence[Sequence[Any]]]) -> Fl
         prepared.append((list(contexts[0][:shared]), pack([item_rows(item, shared) for item in items])))
     tokens = scored_total = passes = 0
     seconds = 0.0
-    # The decoder's cache argument and output: ``cache`` on the native Llama (as transformers 5 names it in its
-    # model signatures), ``past_key_values`` on transformers' classes.
-    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(decoder.forward)
     with torch.inference_mode():
         for prefix, rows in prepared:
             start = time.perf_counter()
             past = None
             if prefix:
                 out = decoder(input_ids=torch.tensor([prefix]), use_cache=True)
-                prefix_cache = out.cache if cache_arg == "cache" else out.past_key_values
-                past = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+                past = [(layer.keys, layer.values) for layer in returned_cache(out, cache_arg).layers]
             begin = 0
             while begin < len(rows):
                 count = sizer.take([len(r[0]) for r in rows[begin : begin + sizer.rows]])

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import BatchSizer, is_out_of_memory
-from .kv_scoring import layered_cache, shared_prefix
+from .kv_scoring import cache_argument, layered_cache, returned_cache, shared_prefix
 from .prefix_attention import SharedPrefix, prefix_attention
 
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever lm-eval samples
@@ -368,10 +368,8 @@ class Decoder:
         self.eos_ids = eos_ids
         self.decode = decode
         self.prefill_tokens = prefill_tokens
-        parameters = inspect.signature(model.forward).parameters
-        # transformers 5 names the cache argument ``cache``; 4.x ``past_key_values``.
-        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
-        self._last_logits_only = "logits_to_keep" in parameters
+        self._cache_arg = cache_argument(model.forward)
+        self._last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def _forward(
         self, ids: Any, mask: Any, positions: Any, cache: Any, prefix: SharedPrefix | None = None
@@ -388,8 +386,7 @@ class Decoder:
         if self._last_logits_only:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
-        new_cache = out.cache if self._cache_arg == "cache" else out.past_key_values
-        return out.logits[:, -1, :].float(), new_cache
+        return out.logits[:, -1, :].float(), returned_cache(out, self._cache_arg)
 
     def _prefix(self, tokens: Sequence[int]) -> tuple[list[tuple[Any, Any]], bool]:
         """Keys and values of ``tokens`` (the prompts' shared prefix), computed once for every row, and whether

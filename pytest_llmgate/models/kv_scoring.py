@@ -70,6 +70,18 @@ def span_scores(head: Any, spans: Sequence[Any], targets: Sequence[Any]) -> list
     return out
 
 
+def cache_argument(forward: Any) -> str:
+    """The name of the cache argument of a model's (or decoder's) ``forward``: ``cache`` in transformers 5 and on the
+    native Llama, ``past_key_values`` in transformers 4.x."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any, argument: str) -> Any:
+    """The cache a forward pass called with ``argument`` (:func:`cache_argument`) returned: transformers 5 and the
+    native Llama return ``cache`` (reading ``past_key_values`` logs a deprecation in 5), 4.x ``past_key_values``."""
+    return getattr(out, "cache", None) if argument == "cache" else out.past_key_values
+
+
 def layered_cache(config: Any, layers: Iterable[tuple[Any, Any]]) -> Any:
     """A transformers ``DynamicCache`` holding each layer's (keys, values), in order; empty for none."""
     from transformers import DynamicCache
@@ -95,9 +107,7 @@ class DecoderScorer:
         self.dtype = next(model.parameters()).dtype
         # Rows and cached tokens (rows x length) per pass: bounds peak memory, backs off on out-of-memory.
         self.sizer = sizer or BatchSizer("auto", device)
-        # transformers renamed ``past_key_values`` to ``cache`` in 5.x; accept either.
-        parameters = inspect.signature(self.decoder.forward).parameters
-        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_arg = cache_argument(self.decoder.forward)
 
     @property
     def config(self) -> Any:
@@ -109,8 +119,7 @@ class DecoderScorer:
         out = self.decoder(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_arg: cache}
         )
-        # transformers 5 returns ``cache`` (reading ``past_key_values`` logs a deprecation); 4.x the latter.
-        state = getattr(out, "cache", None) if self.cache_arg == "cache" else out.past_key_values
+        state = returned_cache(out, self.cache_arg)
         assert state is not None, "the decoder returned no cache although use_cache=True"
         return out.last_hidden_state, [(layer.keys, layer.values) for layer in state.layers]
 
