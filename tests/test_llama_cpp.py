@@ -152,6 +152,23 @@ def test_gguf_ladder_files_are_built_once_and_report_k_quant_fallbacks(llama, wo
     assert json.loads((k_quant.path.parent / "Q4_K_M.json").read_text())["fallback_row_widths"] == [576]
 
 
+def test_the_float_file_of_a_ladder_says_what_it_was_made_from(llama, work_dir):
+    f16 = quantized_gguf(llama.path, "F16", work_dir, threads=2)
+    assert f16.path.name == "F16.gguf" and f16.summary["tensor_types"].get("F16", 0) > 200
+    assert f16.summary["source"] == {"file": llama.path.name, "type": "Q4_1"}
+    assert json.loads((f16.path.parent / "F16.json").read_text())["source"]["type"] == "Q4_1"
+
+
+def test_a_source_that_is_not_gguf_is_named_in_the_error(tmp_path):
+    from pytest_llmgate.models import ModelLoadError
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ModelLoadError, match=r"model\.gguf is not a readable GGUF file"):
+        quantized_gguf(fake, "Q8_0", tmp_path / "work", threads=1)
+    assert not list((tmp_path / "work" / "gguf").rglob("*.gguf"))
+
+
 def test_gguf_stage_is_the_quantized_file_in_llama_cpp(llama, work_dir):
     spec = ModelSpec(name="q8", backend="llama_cpp", transform={"method": "gguf", "type": "Q8_0"})
     assert model_fingerprint(spec) != model_fingerprint(SPEC)

@@ -62,9 +62,7 @@ def vptq() -> Any:
 
 
 def _decoder_weights(model: Any) -> dict[str, Any]:
-    return {
-        name: linear.weight.detach().clone() for name, linear in quantize.decoder_linears(model)
-    }
+    return {name: linear.weight.detach().clone() for name, linear in quantize.decoder_linears(model)}
 
 
 def _relative_error(new: Any, old: Any) -> float:
@@ -112,9 +110,7 @@ def test_rtn_8bit_changes_weights_slightly_and_2bit_much_more(tiny_model_once: A
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [None, 16, 48])
-def test_rtn_uses_at_most_2_to_the_bits_values_per_group(
-    tiny_model: Any, bits: int, group_size: int | None
-) -> None:
+def test_rtn_uses_at_most_2_to_the_bits_values_per_group(tiny_model: Any, bits: int, group_size: int | None) -> None:
     # 48 does not divide the 64 or 128 input columns: the short last group is checked too.
     quantize.rtn_quantize_(tiny_model, bits=bits, group_size=group_size)
     for name, weight in _decoder_weights(tiny_model).items():
@@ -212,9 +208,7 @@ def test_dense_reconstruction_keeps_the_rest_and_approximates_the_weights(
             assert torch.equal(dense[key], value), key
 
 
-def test_weights_drawn_from_a_small_codebook_are_recovered_exactly(
-    tiny_model: Any, tmp_path: pathlib.Path
-) -> None:
+def test_weights_drawn_from_a_small_codebook_are_recovered_exactly(tiny_model: Any, tmp_path: pathlib.Path) -> None:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _name, linear in quantize.decoder_linears(tiny_model):
@@ -246,6 +240,36 @@ def test_same_seed_same_bytes_other_seed_other_codebook(
     assert any(not torch.equal(first[k], third[k]) for k in quantized_keys)
 
 
+def test_layers_on_several_threads_write_the_same_bytes(
+    tiny_model_once: Any, vptq_checkpoint: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # The fixture's checkpoint was built with the default (one thread per CPU); one thread and more
+    # threads than layers must write byte-identical weights and the same layer configs.
+    weights = quantize.VPTQ_WEIGHTS_FILE
+    for workers in (1, 32):
+        built = quantize.build_vptq_checkpoint(tiny_model_once, tmp_path / f"w{workers}", seed=0, workers=workers)
+        assert (built / weights).read_bytes() == (vptq_checkpoint / weights).read_bytes(), workers
+        assert json.loads((built / "config.json").read_text()) == json.loads(
+            (vptq_checkpoint / "config.json").read_text()
+        )
+
+
+def test_a_failing_layer_stops_the_build_and_writes_nothing(
+    tiny_model_once: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = quantize._quantize_linear
+
+    def failing(name: str, linear: Any, **options: Any) -> Any:
+        if name.endswith("layers.0.mlp.up_proj"):
+            raise RuntimeError("out of memory in up_proj")
+        return real(name, linear, **options)
+
+    monkeypatch.setattr(quantize, "_quantize_linear", failing)
+    with pytest.raises(RuntimeError, match="up_proj"):
+        quantize.build_vptq_checkpoint(tiny_model_once, tmp_path / "ckpt", workers=2)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_torch_thread_count_is_restored(tiny_model: Any, tmp_path: pathlib.Path) -> None:
     before = torch.get_num_threads()
     quantize.build_vptq_checkpoint(tiny_model, tmp_path / "ckpt", kmeans_iters=1)
@@ -254,9 +278,7 @@ def test_the_torch_thread_count_is_restored(tiny_model: Any, tmp_path: pathlib.P
     assert torch.get_num_threads() == before
 
 
-def test_existing_folder_is_replaced_only_on_request(
-    tiny_model_once: Any, tmp_path: pathlib.Path
-) -> None:
+def test_existing_folder_is_replaced_only_on_request(tiny_model_once: Any, tmp_path: pathlib.Path) -> None:
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -279,9 +301,7 @@ class _Tokenizer:
             raise OSError("disk full")
 
 
-def test_tokenizer_is_saved_and_a_crash_leaves_no_half_checkpoint(
-    tiny_model_once: Any, tmp_path: pathlib.Path
-) -> None:
+def test_tokenizer_is_saved_and_a_crash_leaves_no_half_checkpoint(tiny_model_once: Any, tmp_path: pathlib.Path) -> None:
     saved = quantize.build_vptq_checkpoint(
         tiny_model_once, tmp_path / "ok", kmeans_iters=1, tokenizer=_Tokenizer(fail=False)
     )
@@ -295,11 +315,15 @@ def test_tokenizer_is_saved_and_a_crash_leaves_no_half_checkpoint(
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("vector_len", 0), ("num_centroids", 100), ("num_centroids", 2**17), ("kmeans_iters", -1)],
+    [
+        ("vector_len", 0),
+        ("num_centroids", 100),
+        ("num_centroids", 2**17),
+        ("kmeans_iters", -1),
+        ("workers", 0),
+    ],
 )
-def test_bad_vptq_options_are_refused(
-    tiny_model_once: Any, tmp_path: pathlib.Path, option: str, value: int
-) -> None:
+def test_bad_vptq_options_are_refused(tiny_model_once: Any, tmp_path: pathlib.Path, option: str, value: int) -> None:
     with pytest.raises(ValueError, match=option):
         quantize.build_vptq_checkpoint(tiny_model_once, tmp_path / "x", **{option: value})
     assert list(tmp_path.iterdir()) == []
@@ -341,9 +365,7 @@ def test_packing_matches_vptq(vptq: Any) -> None:
         assert torch.equal(theirs, ours), index_bits
 
 
-@pytest.mark.parametrize(
-    ("normalize", "with_biases"), [(False, False), (True, False), (False, True)]
-)
+@pytest.mark.parametrize(("normalize", "with_biases"), [(False, False), (True, False), (False, True)])
 def test_vptq_loads_the_checkpoint_with_our_reconstruction(
     vptq: Any,
     tiny_config: Any,
@@ -361,9 +383,7 @@ def test_vptq_loads_the_checkpoint_with_our_reconstruction(
         with torch.no_grad():
             for _name, linear in quantize.decoder_linears(original):
                 linear.bias.normal_()
-    checkpoint = quantize.build_vptq_checkpoint(
-        original, tmp_path / "ckpt", normalize=normalize, kmeans_iters=5
-    )
+    checkpoint = quantize.build_vptq_checkpoint(original, tmp_path / "ckpt", normalize=normalize, kmeans_iters=5)
     loaded = quantize.load_vptq_model(checkpoint)
     assert not loaded.training
     assert isinstance(loaded.model.layers[1].mlp.down_proj, vptq.VQuantLinear)

@@ -35,6 +35,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -191,6 +192,7 @@ def build_vptq_checkpoint(
     tokenizer: Any = None,
     normalize: bool = False,
     overwrite: bool = False,
+    workers: int | None = None,
 ) -> pathlib.Path:
     """Vector-quantize a Llama-like model by per-layer k-means and write a ``vptq`` checkpoint.
 
@@ -203,8 +205,11 @@ def build_vptq_checkpoint(
     are stored as the layer's ``weight_bias`` / ``weight_scale``. Everything else (embeddings,
     norms, ``lm_head``, written as its own tensor even when tied) is stored unchanged.
 
-    The result is deterministic for a given ``seed``; the k-means runs on one torch thread
-    (the process-wide thread count is restored afterwards). The checkpoint is built in a
+    The result is deterministic for a given ``seed``: each layer has its own generator, seeded
+    from ``seed`` and the layer's name, and its k-means runs on one torch thread (the
+    process-wide thread count is restored afterwards). Layers are quantized ``workers`` at a
+    time, on Python threads (default: one per CPU this process may use), with the same bytes
+    for any ``workers``. The checkpoint is built in a
     temporary folder beside ``out_dir`` and renamed into place, so a crash never leaves a
     half-written checkpoint; an existing non-empty ``out_dir`` is replaced only with
     ``overwrite=True``. ``tokenizer``, when given, is saved alongside. The model is not
@@ -219,6 +224,9 @@ def build_vptq_checkpoint(
         )
     if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
         raise ValueError(f"kmeans_iters must be a non-negative integer, got {kmeans_iters!r}")
+    if workers is None:
+        workers = _usable_cpus()
+    _check_positive_int("workers", workers)
     import torch
 
     out_path = pathlib.Path(out_dir)
@@ -234,10 +242,12 @@ def build_vptq_checkpoint(
             if key not in quantized_weights:
                 # Cloned one by one: safetensors refuses tensors that share memory (tied weights).
                 tensors[key] = value.detach().to("cpu").contiguous().clone()
-        with _single_threaded_torch():
-            for name, linear in linears:
-                layer_started = time.perf_counter()
-                layer_tensors, layer_configs[name] = _quantize_linear(
+        # Each layer's k-means is independent and single-threaded: Python threads run several at once
+        # (the matrix products and numpy's argmin release the GIL), about 1.9x faster on 2 cores.
+        with _single_threaded_torch(), ThreadPoolExecutor(max_workers=workers) as pool:
+            jobs = [
+                pool.submit(
+                    _quantize_linear_timed,
                     name,
                     linear,
                     vector_len=vector_len,
@@ -246,8 +256,15 @@ def build_vptq_checkpoint(
                     seed=seed,
                     normalize=normalize,
                 )
-                tensors.update(layer_tensors)
-                logger.debug("vptq: %s in %.2f s", name, time.perf_counter() - layer_started)
+                for name, linear in linears
+            ]
+            try:
+                for (name, _), job in zip(linears, jobs, strict=True):
+                    layer_tensors, layer_configs[name] = job.result()
+                    tensors.update(layer_tensors)
+            except BaseException:  # a failed layer or Ctrl-C: the layers not started yet are not waited for
+                pool.shutdown(cancel_futures=True)
+                raise
 
     config = json.loads(model.config.to_json_string())  # type: ignore[union-attr,operator]
     config["quantization_config"] = {
@@ -258,8 +275,9 @@ def build_vptq_checkpoint(
     config["dtype"] = str(linears[0][1].weight.dtype).removeprefix("torch.")
     _write_atomically(out_path, tensors, config, tokenizer)
     logger.info(
-        "vptq: %d layers, %.3g bits/weight, written to %s in %.1f s",
+        "vptq: %d layers (%d at a time), %.3g bits/weight, written to %s in %.1f s",
         len(linears),
+        workers,
         math.log2(num_centroids) / vector_len,
         out_path,
         time.perf_counter() - started,
@@ -414,6 +432,24 @@ def _check_positive_int(name: str, value: object) -> None:
 def _layer_seed(seed: int, name: str) -> int:
     """A per-layer seed, so that a layer's codebook does not depend on the layers before it."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _quantize_linear_timed(
+    name: str, linear: nn.Linear, **options: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`_quantize_linear`, with its time in the debug log."""
+    started = time.perf_counter()
+    result = _quantize_linear(name, linear, **options)
+    logger.debug("vptq: %s in %.2f s", name, time.perf_counter() - started)
+    return result
 
 
 def _quantize_linear(
