@@ -65,3 +65,30 @@ def test_ladder_file_size_matches_the_quantizer_summary(tmp_path, kind, gguf_lad
         ModelSpec(name="m", backend="llama_cpp", transform={"method": "gguf", "type": kind}), tmp_path, "x"
     )
     assert size["size_bytes"] == made.summary["file_bytes"] and size["params"] == made.summary["parameters"]
+
+
+def test_a_gguf_header_is_read_once_per_file_version(tmp_path, monkeypatch):
+    import gguf
+    import numpy as np
+
+    from pytest_llmgate.models import gguf_files
+
+    def write(rows: int) -> None:
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+        writer.add_tensor("w", np.ones((rows, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    reads = []
+    real_reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda p, *a: reads.append(p) or real_reader(p, *a))
+    path = tmp_path / "tiny.gguf"
+    write(2)
+    first = gguf_files.gguf_header(path)
+    assert first.file_type == "F32" and [(t.name, t.shape, t.type) for t in first.tensors] == [("w", (8, 2), "F32")]
+    assert gguf_files.gguf_header(path) is first and len(reads) == 1
+    write(3)  # a changed file is read again
+    assert gguf_files.gguf_header(path).tensors[0].n_elements == 24 and len(reads) == 2

@@ -56,24 +56,53 @@ def _source_type(reader: Any) -> str | None:
     return None if name is None else name.removeprefix("MOSTLY_").replace("ALL_F32", "F32")
 
 
-# Declared file types of the GGUF sources read in this process, by (path, size, modification time): the
-# gguf package parses every metadata field to read one (a vocabulary of 49k tokens: about 2.5 s), and each
-# GGUF stage of a ladder built from the same source would otherwise read it again.
-_DECLARED_TYPES: dict[tuple[str, int, int], str | None] = {}
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor's entry in a GGUF header."""
+
+    name: str
+    shape: tuple[int, ...]  # GGUF order: the row width first
+    type: str  # e.g. 'Q8_0', 'F16'
+    n_elements: int
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """What a GGUF file declares: its file type (see :func:`_source_type`) and its tensors."""
+
+    file_type: str | None
+    tensors: tuple[GgufTensor, ...]
+
+
+# Headers read in this process, by (path, size, modification time). The gguf package parses every metadata
+# field to read one (a vocabulary of 49k tokens: about 2.6 s), and a cold ladder run needs each file's header
+# several times (its source's type, the summaries, the size figures).
+_HEADERS: dict[tuple[str, int, int], GgufHeader] = {}
+
+
+def gguf_header(path: Path) -> GgufHeader:
+    """``path``'s header, read once per process and file version (errors are the gguf package's)."""
+    from gguf import GGUFReader
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HEADERS:
+        reader = GGUFReader(path)
+        tensors = tuple(
+            GgufTensor(t.name, tuple(int(n) for n in t.shape), t.tensor_type.name, int(t.n_elements), int(t.n_bytes))
+            for t in reader.tensors
+        )
+        _HEADERS[key] = GgufHeader(_source_type(reader), tensors)
+    return _HEADERS[key]
 
 
 def _declared_type(source: Path) -> str | None:
-    """``source``'s declared file type (see :func:`_source_type`), read once per process and file version."""
-    from gguf import GGUFReader
-
-    stat = source.stat()
-    key = (str(source.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _DECLARED_TYPES:
-        try:
-            _DECLARED_TYPES[key] = _source_type(GGUFReader(source))
-        except Exception as error:
-            raise ModelLoadError(f"{source} is not a readable GGUF file: {type(error).__name__}: {error}") from None
-    return _DECLARED_TYPES[key]
+    """``source``'s declared file type, or a load error naming the file when it is not a readable GGUF file."""
+    try:
+        return gguf_header(source).file_type
+    except Exception as error:
+        raise ModelLoadError(f"{source} is not a readable GGUF file: {type(error).__name__}: {error}") from None
 
 
 def write_float_gguf(source: Path, destination: Path, kind: str = "F16") -> None:
@@ -107,23 +136,20 @@ def write_float_gguf(source: Path, destination: Path, kind: str = "F16") -> None
 def summarize(path: Path, requested: str) -> dict[str, Any]:
     """What a GGUF file holds: tensor types and counts, parameters, bits per weight, and the tensors that did
     not get the requested K-quant because their rows are not a multiple of 256 values."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
     types: Counter[str] = Counter()
     params = 0
     tensor_bytes = 0
     fallback: Counter[str] = Counter()
     widths: set[int] = set()
-    for tensor in reader.tensors:
-        name = tensor.tensor_type.name
+    for tensor in gguf_header(path).tensors:
+        name = tensor.type
         types[name] += 1
-        params += int(tensor.n_elements)
-        tensor_bytes += int(tensor.n_bytes)
-        narrow = len(tensor.shape) >= 2 and int(tensor.shape[0]) % K_QUANT_BLOCK != 0
+        params += tensor.n_elements
+        tensor_bytes += tensor.n_bytes
+        narrow = len(tensor.shape) >= 2 and tensor.shape[0] % K_QUANT_BLOCK != 0
         if "_K" in requested and narrow and name not in FLOAT_TYPES and "_K" not in name:
             fallback[name] += 1
-            widths.add(int(tensor.shape[0]))
+            widths.add(tensor.shape[0])
     return {
         "type": requested,
         "tensor_types": dict(sorted(types.items())),

@@ -41,9 +41,8 @@ def _gguf_tensors(path: Path, work_dir: Path | None = None) -> list[tuple[str, l
     ``<work dir>/gguf/tensors.json`` by the file's identity and change time (``file_stamp``) and read again only
     when the file changes.
     """
-    from gguf import GGUFReader
-
     from ..tasks.data import file_stamp
+    from .gguf_files import gguf_header
 
     memo_path = work_dir / "gguf" / _TENSOR_MEMO if work_dir is not None else None
     key = f"{path.resolve()}|{':'.join(map(str, file_stamp(path)))}"
@@ -55,7 +54,7 @@ def _gguf_tensors(path: Path, work_dir: Path | None = None) -> list[tuple[str, l
             memo = {}  # a broken memo is rebuilt
     if key in memo:
         return [(name, shape) for name, shape in memo[key]]
-    tensors = [(t.name, [int(n) for n in t.shape]) for t in GGUFReader(path).tensors]
+    tensors = [(t.name, list(t.shape)) for t in gguf_header(path).tensors]
     if memo_path is not None:
         try:
             memo_path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,11 +171,9 @@ def model_size(
 
 
 def _source_type(path: Path) -> str | None:
-    from gguf import GGUFReader
+    from .gguf_files import gguf_header
 
-    from .gguf_files import _source_type as source_type
-
-    return source_type(GGUFReader(path))
+    return gguf_header(path).file_type
 
 
 def _tensors(folder: Path, gguf_file: str | None, work_dir: Path) -> list[tuple[str, list[int]]]:
