@@ -5,7 +5,9 @@
 # llama-cpp-python (backend = "llama_cpp", the GGUF ladder, the OpenAI-compatible test server) exists on
 # PyPI only as source: it is compiled once, in the background while the rest installs, into a wheel folder
 # that later installs reuse ($LLMGATE_WHEELS, default ~/.cache/pytest-llmgate/wheels). The build is portable
-# to any x86-64 CPU with AVX2 (GGML_NATIVE=OFF) and leaves out the multimodal library; set CMAKE_ARGS to
+# to any x86-64 CPU with AVX2 (GGML_NATIVE=OFF; a native build on the project's 2-core virtual machines died with
+# an illegal instruction, their CPU reporting AMX that the machine does not allow) and leaves out the multimodal
+# library (llama-cpp-python still builds llama.cpp's common library, half the compile: it forces it on); set CMAKE_ARGS to
 # build otherwise (e.g. CMAKE_ARGS="-DGGML_CUDA=on" for GPU offload) and empty the wheel folder first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +21,13 @@ mkdir -p "$WHEELS"
 build_pid=""
 build_log="$WHEELS/build-llama-cpp-python-$LLAMA_CPP_VERSION.log"
 if ! compgen -G "$WHEELS/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl" >/dev/null; then
-    echo "building llama-cpp-python $LLAMA_CPP_VERSION once into $WHEELS (about 3-5 minutes on 2 cores; log: $build_log)"
+    echo "building llama-cpp-python $LLAMA_CPP_VERSION once into $WHEELS (about 3-6 minutes on 2 cores; log: $build_log)"
+    # pip keeps the wheels it builds in its own cache, keyed by the source archive and not by CMAKE_ARGS: a build
+    # with your own CMAKE_ARGS skips that cache, or it would return the earlier (CPU) build.
+    pip_cache=""
+    [ -n "${CMAKE_ARGS:-}" ] && pip_cache="--no-cache-dir"
     CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" \
-        $PIP wheel --quiet --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS" >"$build_log" 2>&1 &
+        $PIP wheel --quiet $pip_cache --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS" >"$build_log" 2>&1 &
     build_pid=$!
 fi
 # The HTML report's browser test (tests/test_report_html.py) drives Debian's headless Chromium: installed in the
