@@ -7,7 +7,7 @@
 # that later installs reuse ($LLMGATE_WHEELS, default ~/.cache/pytest-llmgate/wheels). The build is portable
 # to any x86-64 CPU with AVX2 (GGML_NATIVE=OFF; a native build on the project's 2-core virtual machines died with
 # an illegal instruction, their CPU reporting AMX that the machine does not allow) and leaves out the multimodal
-# library (llama-cpp-python still builds llama.cpp's common library, half the compile: it forces it on); set CMAKE_ARGS to
+# library (llama.cpp's common library is built too: llama-cpp-python forces LLAMA_BUILD_COMMON on); set CMAKE_ARGS to
 # build otherwise (e.g. CMAKE_ARGS="-DGGML_CUDA=on" for GPU offload) and empty the wheel folder first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
