@@ -241,5 +241,6 @@ def _write_summary(folder: Path, kind: str, summary: dict[str, Any], source: Pat
 
 
 def _summary_and_notes(folder: Path, kind: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The summary written beside the ``kind`` file, and the notes it gives the user."""
     summary = json.loads((folder / f"{kind}.json").read_text())
     return summary, _notes(summary)
