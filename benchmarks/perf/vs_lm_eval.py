@@ -367,12 +367,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             check = agreement(workload, args.mmlu_subjects, lm_eval_out, folder / "report.json")
             n = check["items"]
-            floor = None if args.no_floor or workload.task in GENERATION else meter.measure(workload, dtype, folder)
+            floor, floor_error = None, None
+            if not (args.no_floor or workload.task in GENERATION):
+                try:
+                    floor = meter.measure(workload, dtype, folder)
+                except Exception as error:  # the two tools' timings above are kept and printed all the same
+                    floor_error = f"{type(error).__name__}: {error}"
             record = {"workload": text, "dtype": dtype, "lm_eval": theirs.__dict__, "ours": ours.__dict__, **check,
-                      "floor": None if floor is None else floor.__dict__}
+                      "floor": None if floor is None else floor.__dict__, "floor_error": floor_error}
             (folder / "result.json").write_text(json.dumps(record, indent=1) + "\n")
             floor_cells = ("n/a | n/a" if floor is None else
                            f"{floor.seconds:.1f} ({floor.tokens} tokens) | {ours.seconds / floor.seconds:.2f}")
+            if floor_error:
+                floor_cells = f"failed: {floor_error} | n/a"
             print(f"| {workload.label} | {dtype} | {n} | {theirs.seconds:.1f} | {ours.seconds:.1f} | "
                   f"{n / theirs.seconds:.2f} | {n / ours.seconds:.2f} | {theirs.seconds / ours.seconds:.2f}x | "
                   f"{floor_cells} | {check['same']}/{n} | {check['detail']} | "
