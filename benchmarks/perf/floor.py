@@ -128,13 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
     from pathlib import Path
 
-    from pytest_llmgate.config import ModelSpec
+    from pytest_llmgate.config import BUILTIN_SMOLLM2, ModelSpec
     from pytest_llmgate.models import load_backend
     from pytest_llmgate.tasks import TASKS, TaskOptions
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--model", default="builtin:smollm2", help="a model path (default: the built-in SmolLM2)")
+    parser.add_argument("--model", default=BUILTIN_SMOLLM2, help="a model path (default: the built-in SmolLM2)")
     parser.add_argument("--workload", action="append", required=True, help="task:shots:items")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)

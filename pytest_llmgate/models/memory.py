@@ -8,6 +8,7 @@ from the file count once touched, as they do for the operating system.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import resource
@@ -18,6 +19,58 @@ from typing import Any
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+# glibc's mallopt parameters (malloc.h) and the values a CPU model runs with (``keep_freed_memory``).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: blocks up to it come from the heap
+TRIM_THRESHOLD_BYTES = 1 << 30  # freed heap kept up to this (memory meters release it before they measure)
+# The environment's own say over glibc's allocator: with any of these set, it is left as the user set it.
+_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+_kept: bool | None = None
+
+
+def _glibc() -> Any:
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+        libc = ctypes.CDLL(None)  # the process's own symbols: the C library it runs on
+        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+    except (OSError, AttributeError, ValueError):
+        return None
+    return libc
+
+
+def keep_freed_memory() -> bool:
+    """Let freed tensor memory be reused instead of returned to the system and faulted in again (glibc).
+
+    glibc serves each block above its mmap threshold (128 KiB at first) with a fresh mapping and unmaps it on
+    free, and returns the top of its heap above the trim threshold: a forward pass of a small model on the CPU
+    allocates tensors of a few to tens of MB per layer, and every one of their pages is faulted in and zeroed
+    again on every pass (SmolLM2-135M, 2,048 tokens a pass: about 380,000 page faults, 15-20% of the pass's
+    time). With blocks up to 32 MiB on the heap and the heap kept, the same pass takes none; the peak resident
+    set is the same. Not done when the environment configures the allocator (``_MALLOC_ENVIRONMENT``,
+    ``GLIBC_TUNABLES`` with a malloc tunable), nor where the C library is not glibc. Idempotent; whether it is
+    in effect."""
+    global _kept
+    if _kept is None:
+        tunables = os.environ.get("GLIBC_TUNABLES", "")
+        libc = None if any(os.environ.get(v) for v in _MALLOC_ENVIRONMENT) or "malloc" in tunables else _glibc()
+        _kept = bool(
+            libc is not None
+            and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+            and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+        )
+    return _kept
+
+
+def release_freed_memory() -> None:
+    """Return the freed memory ``keep_freed_memory`` keeps to the system, so that a measurement of resident
+    memory starts from what is in use (a no-op when it is not in effect)."""
+    if _kept:
+        libc = _glibc()
+        if libc is not None:
+            libc.malloc_trim(0)
 
 
 def _status_kb(field: str) -> int | None:
@@ -75,6 +128,7 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._before = int(torch.cuda.memory_allocated(self.device))
         else:
+            release_freed_memory()
             self._peak_resettable = reset_peak_rss()
             self._before = rss_bytes()
         return self

@@ -21,6 +21,7 @@ from . import DigestMemo, ModelLoadError, ModelPool, file_sha256, resolve_local
 from .batching import CPU_GENERATION_TOKENS, BatchSizer
 from .generation import Decoder, DecodeRow, encode_pair, encode_text, eos_token_ids, generate_completions, render_chat
 from .kv_scoring import KVScorer, common_prefix, span_scores
+from .memory import keep_freed_memory
 from .packed_scoring import PackedScorer
 from .probe import ProbeTiming
 
@@ -179,6 +180,8 @@ class TransformersBackend:
     ) -> None:
         import torch
 
+        if device == "cpu":
+            keep_freed_memory()  # the forward passes' tensors reuse freed memory instead of faulting pages in
         self._torch = torch
         self.spec = spec
         self.pool = pool
