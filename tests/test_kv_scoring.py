@@ -219,3 +219,33 @@ def test_scoring_for_counts_only_what_the_contexts_do_not_share() -> None:
     long = [([i] * (PACKED_MAX_CONTEXT + 1), [7]) for i in range(4)]
     assert scoring_for(long) == "kv"
     assert scoring_for(long[:1]) == "kv" and scoring_for(short[:1]) == "kv"  # one context shares nothing
+
+
+@pytest.mark.parametrize("count", [0, 1, 63, 64, 100, 128, 129, 300, 1000])
+def test_head_passes_cover_every_position_in_even_passes(count: int) -> None:
+    passes = kv_scoring.head_passes(count, vocabulary=49152)  # 128 positions of float32 logits fit 24 MiB
+    assert [p.start for p in passes] == [0, *[p.stop for p in passes[:-1]]] and passes[-1].stop == count
+    sizes = [p.stop - p.start for p in passes]
+    assert max(sizes) <= max(128, count // len(passes) + 1) and max(sizes) - min(sizes) <= 1
+    if count >= kv_scoring.MIN_HEAD_ROWS:
+        assert min(sizes) >= kv_scoring.MIN_HEAD_ROWS
+    assert kv_scoring.head_passes(100, vocabulary=10**6) == [slice(0, 100)]  # never under 64 a pass
+
+
+@pytest.mark.parametrize("pass_bytes", [97 * 4 * 64, 24 << 20])
+def test_token_scores_in_passes_equal_one_log_softmax(tiny_model: Any, monkeypatch: pytest.MonkeyPatch,
+                                                       pass_bytes: int) -> None:
+    """Rows repeated (choices reading their first token at one position) and several head passes: the same
+    log-probabilities and greedy flags as one log_softmax over every position."""
+    monkeypatch.setattr(kv_scoring, "HEAD_PASS_BYTES", pass_bytes)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(300, 64, generator=generator)
+    rows = torch.cat([torch.arange(300), torch.randint(0, 300, (200,), generator=generator)])
+    targets = torch.randint(0, 97, (500,), generator=generator)
+    head = tiny_model.get_output_embeddings()
+    with torch.inference_mode():
+        picked, greedy = kv_scoring.token_scores(head, hidden, rows, targets)
+        whole = torch.log_softmax(head(hidden), dim=-1)
+    assert torch.allclose(picked, whole[rows, targets], rtol=0, atol=1e-6)
+    assert torch.equal(greedy, whole.argmax(-1)[rows] == targets)
+    assert len(kv_scoring.head_passes(300, 97)) == (4 if pass_bytes < 1 << 20 else 1)  # 75 positions a pass

@@ -52,15 +52,51 @@ def shared_prefix(sequences: Sequence[Sequence[int]]) -> int:
     return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
-def span_scores(head: Any, spans: Sequence[Any], targets: Sequence[Any]) -> list[tuple[float, bool]]:
-    """(summed log-probability, all greedy) of each target token row, from the hidden states that
-    predict it; one output-head pass over all spans, log_softmax in the logits' dtype as lm-eval."""
+# The output head runs over at most this many bytes of logits a pass (and as many of log-probabilities): vocabulary-wide
+# rows of a few thousand positions are hundreds of MB, which the CPU allocator maps afresh (and faults in) on every
+# call, while blocks up to 32 MiB are reused from its heap (``memory.keep_freed_memory``).
+HEAD_PASS_BYTES = 24 << 20
+# ... and at least this many positions a pass: fewer rows take another matrix-product kernel on the CPU (rounding
+# differs in the last bits), so passes of 64 or more keep the values of one pass over all positions.
+MIN_HEAD_ROWS = 64
+
+
+def head_passes(count: int, vocabulary: int, itemsize: int = 4) -> list[slice]:
+    """``count`` positions cut into output-head passes of even size, each within :data:`HEAD_PASS_BYTES` of logits
+    where that leaves at least :data:`MIN_HEAD_ROWS` positions a pass (one pass when there are fewer)."""
+    most = max(MIN_HEAD_ROWS, HEAD_PASS_BYTES // max(1, vocabulary * itemsize))
+    passes = max(1, min(-(-count // most), count // MIN_HEAD_ROWS))
+    bounds = [count * k // passes for k in range(passes + 1)]
+    return [slice(bounds[k], bounds[k + 1]) for k in range(passes)]
+
+
+def token_scores(head: Any, hidden: Any, rows: Any, targets: Any) -> tuple[Any, Any]:
+    """For each ``(rows[j], targets[j])``: the log-probability of token ``targets[j]`` after ``hidden[rows[j]]`` and
+    whether it is the greedy token. Each row of ``hidden`` goes through the output head once (rows may repeat in
+    ``rows``: the choices of an item all read their first token at the context's last position), in
+    :func:`head_passes`; log_softmax in the logits' dtype, as lm-eval."""
     import torch
 
-    logprobs = torch.log_softmax(head(torch.cat(list(spans))), dim=-1)
-    target = torch.cat(list(targets))
-    picked = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
-    greedy = logprobs.argmax(dim=-1) == target
+    picked = torch.empty(len(targets), dtype=hidden.dtype, device=hidden.device)
+    greedy = torch.empty(len(targets), dtype=torch.bool, device=hidden.device)
+    vocabulary = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+    for part in head_passes(len(hidden), vocabulary, hidden.element_size()):
+        logprobs = torch.log_softmax(head(hidden[part]), dim=-1)
+        inside = ((rows >= part.start) & (rows < part.stop)).nonzero().squeeze(1)
+        local = rows[inside] - part.start
+        picked[inside] = logprobs[local, targets[inside]]
+        greedy[inside] = logprobs.argmax(dim=-1)[local] == targets[inside]
+    return picked, greedy
+
+
+def span_scores(head: Any, spans: Sequence[Any], targets: Sequence[Any]) -> list[tuple[float, bool]]:
+    """(summed log-probability, all greedy) of each target token row, from the hidden states that
+    predict it (:func:`token_scores`)."""
+    import torch
+
+    hidden = torch.cat(list(spans))
+    every = torch.arange(len(hidden), device=hidden.device)
+    picked, greedy = token_scores(head, hidden, every, torch.cat(list(targets)))
     out = []
     offset = 0
     for t in targets:

@@ -15,7 +15,7 @@ call need is computed exactly once, in one pass:
    and carries its depth as its position, so it sees exactly what it would see in its own plain
    sequence; short trees are packed side by side into one row (block-diagonal), so rows need little
    padding;
-4. the hidden states that predict each continuation token go through the output head in one pass.
+4. the hidden states that predict each continuation token go through the output head once each.
 
 Tokens are exactly lm-eval's (``encode_pair``); only the shape of the arithmetic differs from one plain
 forward pass per request, so log-likelihoods agree to float rounding (tests pin the tolerance).
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .kv_scoring import DecoderScorer, common_prefix, layered_cache
+from .kv_scoring import DecoderScorer, common_prefix, layered_cache, token_scores
 
 # Two contexts share one tree when their tokens after the call's shared prefix agree on at least this
 # many tokens (WinoGrande's words before the blank); below it the trees are only packed side by side.
@@ -202,18 +202,21 @@ class PackedScorer(DecoderScorer):
             **kwargs,
         ).last_hidden_state
         # Each scored position once through the output head (a multiple-choice item's choices all read their first
-        # token's distribution at the context's last token), log_softmax in the logits' dtype as lm-eval.
+        # token's distribution at the context's last token).
         where: dict[int, int] = {}
-        for r, row in enumerate(batch):
-            for nodes in row.scored.values():
-                for node in nodes:
-                    where.setdefault(r * width + node, len(where))
-        flat = hidden.reshape(n * width, -1)[torch.tensor(list(where), device=hidden.device)]
-        logprobs = torch.log_softmax(self.head(flat), dim=-1)
-        greedy = logprobs.argmax(dim=-1)
+        rows: list[int] = []
+        targets: list[int] = []
+        spans: list[tuple[int, int, int]] = []  # (request, first pair, pairs)
         for r, row in enumerate(batch):
             for i, nodes in row.scored.items():
-                index = torch.tensor([where[r * width + node] for node in nodes], device=hidden.device)
-                target = torch.tensor(encoded[i][1], device=hidden.device)
-                picked = logprobs[index].gather(1, target[:, None])
-                results[i] = (float(picked.sum()), bool((greedy[index] == target).all()))
+                spans.append((i, len(rows), len(nodes)))
+                for node in nodes:
+                    rows.append(where.setdefault(r * width + node, len(where)))
+                targets += encoded[i][1]
+        device = hidden.device
+        flat = hidden.reshape(n * width, -1)[torch.tensor(list(where), device=device)]
+        picked, greedy = token_scores(
+            self.head, flat, torch.tensor(rows, device=device), torch.tensor(targets, device=device)
+        )
+        for i, first, count in spans:
+            results[i] = (float(picked[first : first + count].sum()), bool(greedy[first : first + count].all()))
