@@ -39,6 +39,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -97,15 +98,39 @@ class Run:
     returncode: int
 
 
+def _peak_kib(pid: int) -> int | None:
+    """The peak resident set (VmHWM) of process ``pid`` so far, from /proc; None where it cannot be read."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
 def timed(command: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> Run:
-    """Run ``command``; its wall time and peak resident memory (from wait4, this child only)."""
+    """Run ``command``; its wall time and peak resident memory.
+
+    The peak is the child's own ``VmHWM``, read every 20 ms until it exits. Not ``wait4``'s ``ru_maxrss``: Linux
+    carries the largest resident set across ``exec``, and the child starts as a copy of this process (which holds
+    the floor's model after the first workload), so ``ru_maxrss`` never reads below this process's size: it
+    overstated both tools' peaks (most, the smaller ones: ours) before 2026-12-02. ``ru_maxrss`` only where
+    /proc cannot be read."""
     start = time.perf_counter()
+    peak: int | None = None
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(process.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            now = _peak_kib(process.pid)
+            if now is not None:
+                peak = max(peak or 0, now)
+            time.sleep(0.02)
     seconds = time.perf_counter() - start
-    return Run(seconds, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status))
+    return Run(seconds, (peak if peak is not None else usage.ru_maxrss) / 1024, os.waitstatus_to_exitcode(status))
 
 
 # --- lm-eval's side ------------------------------------------------------------------------------
