@@ -9,6 +9,7 @@ from the file count once touched, as they do for the operating system.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import resource
@@ -29,8 +30,9 @@ _MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALL
 _kept: bool | None = None
 
 
+@functools.cache
 def _glibc() -> Any:
-    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None; looked up once."""
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return None
